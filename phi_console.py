@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.9"
+# dependencies = ["llama-cpp-python==0.3.36", "huggingface_hub==2.4.0"]
+# ///
+"""Stream a completion from Microsoft's Phi-3-mini, on your own machine.
+
+    python phi_console.py
+    python phi_console.py -p "Why is the sky blue?" --temperature 0
+    echo "Explain a GGUF file in two sentences" | python phi_console.py --seed 7
+
+The first run downloads the model (about 2.4 GB) and its tokenizer into the Hugging Face cache;
+later runs start from the cache without touching the network. Edit the settings below and rerun,
+or pass the same settings as flags (--help lists them). Only the completion goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import ctypes
+import json
+import math
+import os
+import random
+import signal
+import stat
+import sys
+import time
+from typing import Callable, Iterator, NoReturn, Optional, TypeVar
+
+try:
+    import llama_cpp
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import httpx as hub_httpx
+    from huggingface_hub.utils import logging as hub_logging
+except ImportError as missing:
+    sys.exit(f"error: {missing.name} is not installed; run: pip install -r requirements.txt")
+
+# ---------------------------------------------------------------------------------------------
+# Settings: edit these and rerun, or pass the flag shown in --help. Each flag defaults to these.
+# ---------------------------------------------------------------------------------------------
+MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # Hugging Face repo that holds the weights
+MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"  # the weights: Q4_K_M, about 2.4 GB
+MODEL_REVISION = "main"  # branch, tag, or a 40-hex commit that pins the exact bytes
+TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"  # repo whose tokenizer.json names the stop tokens
+PROMPT = "Write a haiku about ice hockey"  # the user's words; Phi-3's chat format is added around them
+TEMPERATURE = 1.0  # >= 0; 0 = greedy (always the likeliest token), higher = more random
+TOP_P = None  # None = off; else 0 < p <= 1: draw only from the likeliest tokens whose probabilities sum to p
+REPEAT_PENALTY = 1.2  # > 0; 1.0 = off, > 1.0 makes recently seen tokens less likely
+REPEAT_LAST_N = 64  # >= 0; how many recent tokens (prompt included) the penalty looks at, 0 = none
+SAMPLE_LEN = 100  # >= 1; the most tokens to generate
+SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
+N_THREADS = None  # >= 1 CPU threads; None = the number of physical cores
+N_GPU_LAYERS = None  # >= 0 layers to offload to a GPU; None = all of them when this build can offload, else 0
+N_CTX = 4096  # >= 1 tokens of context (prompt + reply); at most the model's own 4096
+
+HUB_TIMEOUT = 10  # seconds to wait for the hub to answer before saying it is unreachable
+TOKENIZER_FILE = "tokenizer.json"  # the file in TOKENIZER_REPO that lists Phi-3's special tokens
+CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # tokens the chat format uses
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
+MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
+BATCH = 512  # prompt tokens evaluated per llama_decode call
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one `error:` line on stderr and exit; expected faults never show a traceback."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def note(message: str, *, quiet: bool) -> None:
+    if not quiet:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings from the command line, checked before anything slow happens
+# ---------------------------------------------------------------------------------------------
+def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Stream a completion from Phi-3-mini (llama.cpp on your CPU or GPU). "
+        "Only the completion goes to stdout; progress and speed go to stderr.",
+        epilog="Every default comes from the constants at the top of phi_console.py.",
+    )
+    parser.error = lambda message: fail(f"{message} (see --help)", code=2)  # one line, not usage + error
+    add = parser.add_argument
+    # The prompt's default is filled in after parsing, so that a pipe can stand in for a missing -p.
+    add("-p", "--prompt", help=f"your words; '-' reads stdin, as does a pipe when -p is absent (default: {PROMPT!r})")
+    add("--temperature", type=float, default=TEMPERATURE, help="0 = greedy, higher = more random (default: %(default)s)")
+    add("--top-p", type=float, default=TOP_P, help="nucleus sampling, 0 < p <= 1 (default: %(default)s = off)")
+    add("--repeat-penalty", type=float, default=REPEAT_PENALTY, help="1.0 = off, > 1 discourages repeats (default: %(default)s)")
+    add("--repeat-last-n", type=int, default=REPEAT_LAST_N, help="tokens the repeat penalty looks back over (default: %(default)s)")
+    add("--sample-len", type=int, default=SAMPLE_LEN, help="most tokens to generate (default: %(default)s)")
+    add("--seed", type=int, default=SEED, help=f"0..{MAX_SEED} repeats a run (default: %(default)s = random, printed at the end)")
+    add("--threads", type=int, default=N_THREADS, help="CPU threads (default: %(default)s = physical cores)")
+    add("--gpu-layers", type=int, default=N_GPU_LAYERS, help="layers offloaded to a GPU (default: %(default)s = all, if the build can)")
+    add("--ctx", type=int, default=N_CTX, help="context size in tokens, prompt + reply (default: %(default)s)")
+    add("--model-repo", default=MODEL_REPO, help="Hugging Face repo of the GGUF weights (default: %(default)s)")
+    add("--model-file", default=MODEL_FILE, help="GGUF file in that repo (default: %(default)s)")
+    add("--revision", default=MODEL_REVISION, help="branch, tag or commit of the model repo (default: %(default)s)")
+    add("--tokenizer-repo", default=TOKENIZER_REPO, help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
+    add("-q", "--quiet", action="store_true", help="stderr shows errors only")
+    add("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
+    return parser.parse_args(argv)
+
+
+def check_settings(s: argparse.Namespace) -> None:
+    """Refuse bad values, also ones typed into the constants above, instead of clamping them."""
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    rules = [
+        ("temperature", s.temperature, lambda v: number(v) and v >= 0, "a number >= 0"),
+        ("top-p", s.top_p, lambda v: v is None or (number(v) and 0 < v <= 1), "a number in (0, 1]"),
+        ("repeat-penalty", s.repeat_penalty, lambda v: number(v) and v > 0, "a number > 0 (1.0 = off)"),
+        ("repeat-last-n", s.repeat_last_n, lambda v: integer(v) and v >= 0, "an integer >= 0"),
+        ("sample-len", s.sample_len, lambda v: integer(v) and v >= 1, "an integer >= 1"),
+        ("seed", s.seed, lambda v: v is None or (integer(v) and 0 <= v <= MAX_SEED), f"an integer in 0..{MAX_SEED}"),
+        ("threads", s.threads, lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1"),
+        ("gpu-layers", s.gpu_layers, lambda v: v is None or (integer(v) and v >= 0), "an integer >= 0"),
+        ("ctx", s.ctx, lambda v: integer(v) and v >= 1, "an integer >= 1"),
+    ]
+    rules += [(name, getattr(s, name.replace("-", "_")), lambda v: isinstance(v, str) and v.strip() != "",
+               "a non-empty string") for name in ("prompt", "model-repo", "model-file", "revision", "tokenizer-repo")]
+    for flag, value, ok, want in rules:
+        if not ok(value):
+            fail(f"--{flag} must be {want} (got {value!r})", code=2)
+
+
+def read_prompt(prompt: Optional[str], *, default: str) -> str:
+    """`-` reads stdin; so does a pipe or a file on stdin when -p was not given."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode if sys.stdin else 0
+    except (OSError, ValueError):  # stdin closed
+        mode = 0
+    if prompt == "-" or (prompt is None and (stat.S_ISFIFO(mode) or stat.S_ISREG(mode))):
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+        if not prompt:
+            fail("the prompt read from stdin is empty", code=2)
+    return default if prompt is None else prompt
+
+
+def physical_cores() -> int:
+    """llama.cpp's own default thread count; the library's (half the logical CPUs) halves speed on small machines."""
+    try:  # Linux: one entry per set of hyperthread siblings among the CPUs we may run on
+        cpus = os.sched_getaffinity(0)
+        siblings = set()
+        for cpu in cpus:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                siblings.add(f.read().strip())
+        return max(len(siblings), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Download: the cache answers first, so a cached run sends no request at all
+# ---------------------------------------------------------------------------------------------
+def download(files: list[tuple[str, str, str]], *, timeout: float, quiet: bool) -> list[str]:
+    """Return local paths for (repo, file, revision) triples, fetching only what the cache lacks."""
+    paths = [try_to_load_from_cache(repo, name, revision=revision) for repo, name, revision in files]
+    missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths)) if not isinstance(path, str)]
+    if not missing:
+        return paths  # type: ignore[return-value]
+    if hub_constants.HF_HUB_OFFLINE:
+        names = ", ".join(f"{repo}/{name}" for (repo, name, _), _ in missing)
+        fail(f"{names} not in the cache and HF_HUB_OFFLINE is set; run once with a network connection")
+    # One HEAD per file, without the library's retries: an unreachable hub is reported in seconds.
+    sizes = [hub_call(lambda: get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout),
+                      repo=repo, name=name, revision=revision, timeout=timeout).size or 0
+             for (repo, name, revision), _ in missing]
+    note(f"downloading {sum(sizes) / 1e9:.2f} GB into {hub_constants.HF_HUB_CACHE} "
+         "(once: later runs start from this cache)", quiet=quiet)
+    for (repo, name, revision), i in missing:
+        paths[i] = hub_call(lambda: hf_hub_download(repo, name, revision=revision, etag_timeout=timeout),
+                            repo=repo, name=name, revision=revision, timeout=timeout)
+    return paths  # type: ignore[return-value]
+
+
+def hub_call(call: Callable[[], T], *, repo: str, name: str, revision: str, timeout: float) -> T:
+    """Call huggingface_hub, turning each way it can fail into one line that says what to do."""
+    endpoint = hub_constants.ENDPOINT
+    try:
+        return call()
+    except hub_errors.GatedRepoError:
+        fail(f"{repo} is gated: accept its terms on the model page, then set HF_TOKEN to a token that may read it")
+    except hub_errors.RepositoryNotFoundError:
+        fail(f"repository {repo} not found on {endpoint} (check the repo name; a private repo needs HF_TOKEN)")
+    except hub_errors.RevisionNotFoundError:
+        fail(f"revision {revision!r} not found in {repo} (check --revision)")
+    except hub_errors.RemoteEntryNotFoundError:
+        fail(f"{name} not found in {repo} at revision {revision!r} (check the file name)")
+    except hub_errors.HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        fail(f"the hub at {endpoint} answered HTTP {status} for {repo}/{name}; try again later")
+    except (hub_httpx.TimeoutException, TimeoutError):
+        fail(f"the hub at {endpoint} did not answer within {timeout:g} s while fetching {repo}/{name}; "
+             "check your connection and run again")
+    except (hub_httpx.HTTPError, ConnectionError) as error:
+        fail(f"cannot reach the hub at {endpoint} ({type(error).__name__}) and {repo}/{name} is not cached; "
+             "connect once to download it")
+    except OSError as error:
+        fail(f"could not save {repo}/{name} under {hub_constants.HF_HUB_CACHE}: {error.strerror or error}")
+
+
+def read_special_tokens(path: str) -> dict[str, int]:
+    """Map each special token's text to its id, from tokenizer.json's `added_tokens` list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            added = json.load(f)["added_tokens"]
+        specials = {t["content"]: int(t["id"]) for t in added if t.get("special")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        fail(f"{path} is not a usable tokenizer.json ({type(error).__name__}: {error}); delete it to download again")
+    absent = [name for name in CHAT_TOKENS if name not in specials]
+    if absent:
+        fail(f"{path} lacks the special tokens {', '.join(absent)}: is --tokenizer-repo a Phi-3 tokenizer?")
+    return specials
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: llama.cpp reads the GGUF through mmap; its log stays quiet unless --verbose
+# ---------------------------------------------------------------------------------------------
+def route_llama_log(*, verbose: bool) -> list[str]:
+    """Show llama.cpp's log when verbose, else keep its error lines to explain a failure in one line."""
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace")
+        if verbose:
+            sys.stderr.write(message)
+        elif level == 3 and message.strip():  # GGML_LOG_LEVEL_ERROR
+            errors.append(message.strip())
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    route_llama_log.keep_alive = on_log  # type: ignore[attr-defined]  # llama.cpp holds a raw pointer to it
+    return errors
+
+
+def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -> "llama_cpp.llama_model_p":
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # pages load on demand and stay in the OS cache
+    if gpu_layers is None:
+        gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
+    params.n_gpu_layers = gpu_layers
+    # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M): when the build includes it,
+    # keep the weights in plain CPU buffers, which never reach that kernel.
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    if not model:
+        reason = log_errors[-1] if log_errors else "llama.cpp could not read it"
+        fail(f"{path} is not a loadable GGUF model ({reason}); delete it to download it again")
+    return model
+
+
+def check_vocab(model: "llama_cpp.llama_model_p", specials: dict[str, int]) -> None:
+    """tokenizer.json and the GGUF must agree on the chat tokens' ids, or replies would never stop."""
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    for name in CHAT_TOKENS:
+        token = specials[name]
+        text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace") if token < n_vocab else None
+        if text != name:
+            fail(f"tokenizer.json gives {name} the id {token}, but the GGUF has {text!r} there: "
+                 "the model and tokenizer files do not belong together")
+
+
+def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, batch: int) -> "llama_cpp.llama_context_p":
+    trained = llama_cpp.llama_model_n_ctx_train(model)
+    if n_ctx > trained:
+        fail(f"--ctx {n_ctx} is larger than the model's context of {trained} tokens", code=2)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = min(n_ctx, batch)
+    params.n_threads = params.n_threads_batch = threads
+    params.no_perf = False
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); try a smaller --ctx")
+    return ctx
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt: Phi-3's chat format, tokenized once and evaluated in batches
+# ---------------------------------------------------------------------------------------------
+def tokenize(vocab: "llama_cpp.llama_vocab_p", text: str, *, add_bos: bool) -> list[int]:
+    """Tokenize plain text; special-token text typed by the user stays plain text."""
+    data = text.encode("utf-8")
+    size = len(data) + 2  # SPM never makes more tokens than bytes, plus BOS and the space prefix
+    tokens = (llama_cpp.llama_token * size)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, size, add_bos, False)
+    return list(tokens[:n])
+
+
+def chat_prompt(vocab: "llama_cpp.llama_vocab_p", prompt: str, specials: dict[str, int]) -> list[int]:
+    """`<s><|user|>\\n{prompt}<|end|>\\n<|assistant|>`, as llama.cpp tokenizes it with special tokens parsed."""
+    return [*tokenize(vocab, "", add_bos=True), specials["<|user|>"], *tokenize(vocab, "\n" + prompt, add_bos=False),
+            specials["<|end|>"], *tokenize(vocab, "\n", add_bos=False), specials["<|assistant|>"]]
+
+
+def evaluate(ctx: "llama_cpp.llama_context_p", tokens: list[int]) -> None:
+    """Feed tokens to the model a batch at a time; only the last one's logits are kept."""
+    batch = llama_cpp.llama_n_batch(ctx)
+    for start in range(0, len(tokens), batch):
+        chunk = tokens[start : start + batch]
+        array = (llama_cpp.llama_token * len(chunk))(*chunk)
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk))) != 0:
+            fail("llama.cpp failed to evaluate the prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream: sample in llama.cpp, yield text as soon as it is whole UTF-8
+# ---------------------------------------------------------------------------------------------
+def make_sampler(*, n_vocab: int, temperature: float, top_p: Optional[float], repeat_penalty: float,
+                 repeat_last_n: int, seed: int) -> "llama_cpp.llama_sampler_p":
+    """repeat penalty -> temperature -> top-p -> draw; nothing else (no hidden top-k or min-p)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    links = [llama_cpp.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0)]
+    if temperature == 0:
+        links.append(llama_cpp.llama_sampler_init_greedy())
+    else:
+        links.append(llama_cpp.llama_sampler_init_temp(temperature))
+        if top_p is not None:
+            links.append(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        links.append(llama_cpp.llama_sampler_init_dist(seed))
+    for link in links:
+        llama_cpp.llama_sampler_chain_add(chain, link)
+    return chain
+
+
+def token_bytes(vocab: "llama_cpp.llama_vocab_p", token: int, *, first: bool) -> bytes:
+    """The bytes a token stands for; a reply's first token loses the space SPM puts before words."""
+    size = 32
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        if first:  # detokenize applies the vocabulary's own rule for that space
+            n = llama_cpp.llama_detokenize(vocab, (llama_cpp.llama_token * 1)(token), 1, buffer, size, False, False)
+        else:
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n  # too small: llama.cpp says how many bytes it needs
+
+
+def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "llama_cpp.llama_sampler_p",
+             stop_ids: set[int], hidden_ids: set[int], sample_len: int) -> Iterator[str]:
+    """Yield the text each sampled token adds: one item per token, "" while a character is incomplete."""
+    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
+    for token in prompt:  # the repeat penalty looks at the prompt too
+        llama_cpp.llama_sampler_accept(sampler, token)
+    evaluate(ctx, prompt)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    one = (llama_cpp.llama_token * 1)()
+    for index in range(sample_len):
+        token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)  # also records it for the penalty
+        stop = token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token)
+        last = stop or index == sample_len - 1
+        data = b"" if stop or token in hidden_ids else token_bytes(vocab, token, first=index == 0)
+        yield utf8.decode(data, final=last)
+        if last:
+            return
+        one[0] = token
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+            fail("llama.cpp failed to evaluate a token")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: settings -> download -> load -> prompt -> stream -> report
+# ---------------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    settings = parse_settings(argv)
+    check_settings(settings)
+    prompt = read_prompt(settings.prompt, default=PROMPT)
+    quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
+    if quiet:
+        disable_progress_bars()
+    if not verbose:
+        hub_logging.set_verbosity_error()  # the library's retry and cache chatter
+    seed = random.SystemRandom().randint(0, MAX_SEED) if settings.seed is None else settings.seed
+    threads = settings.threads or physical_cores()
+
+    model_path, tokenizer_path = download(
+        [(settings.model_repo, settings.model_file, settings.revision),
+         (settings.tokenizer_repo, TOKENIZER_FILE, "main")], timeout=HUB_TIMEOUT, quiet=quiet)
+    specials = read_special_tokens(tokenizer_path)
+
+    started = time.perf_counter()
+    log_errors = route_llama_log(verbose=verbose)
+    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=log_errors)
+    check_vocab(model, specials)
+    ctx = new_context(model, n_ctx=settings.ctx, threads=threads, batch=BATCH)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    loaded = time.perf_counter()
+
+    tokens = chat_prompt(vocab, prompt, specials)
+    if len(tokens) >= settings.ctx:
+        fail(f"the prompt is {len(tokens)} tokens and the context holds {settings.ctx}; "
+             "shorten the prompt or raise --ctx", code=2)
+    sample_len = min(settings.sample_len, settings.ctx - len(tokens) + 1)
+    if sample_len < settings.sample_len:
+        note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
+    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), temperature=settings.temperature,
+                           top_p=settings.top_p, repeat_penalty=settings.repeat_penalty,
+                           repeat_last_n=settings.repeat_last_n, seed=seed)
+    stop_ids = {specials[name] for name in STOP_TOKENS}
+    pieces = generate(ctx, prompt=tokens, sampler=sampler, stop_ids=stop_ids,
+                      hidden_ids=set(specials.values()), sample_len=sample_len)
+
+    out = sys.stdout.buffer
+    generated, first_token_at = 0, None
+    try:
+        for text in pieces:
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            generated += 1
+            if text:
+                out.write(text.encode("utf-8"))
+                out.flush()
+    finally:  # Ctrl-C or SIGTERM still ends the line
+        out.write(b"\n")
+        out.flush()
+    finished = time.perf_counter()
+
+    prompt_s = (first_token_at or finished) - loaded
+    reply_s = finished - (first_token_at or finished)
+    rate = f"{(generated - 1) / reply_s:.1f} tok/s" if generated > 1 and reply_s > 0 else "n/a"
+    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {len(tokens) / prompt_s:.1f} tok/s"
+         f" | generated: {generated} tokens, {rate} | seed {seed}", quiet=quiet)
+    return 0
+
+
+def run() -> None:
+    """Exit codes: 0 done, 1 fault, 2 bad setting, 130 Ctrl-C, 143 SIGTERM; a closed stdout ends quietly."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `| head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    run()

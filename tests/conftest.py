@@ -1,0 +1,104 @@
+"""Shared fixtures: crafted Q4_K_M models served by a local hub, and a way to run the real script."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from local_hub import Hub
+from phi3_models import SPECIAL_TOKENS, byte_token, quantize_q4_k_m, token_id, tokenizer_json, write_gguf
+
+SCRIPT = Path(__file__).resolve().parent.parent / "phi_console.py"
+MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # the script's defaults, served locally
+MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"
+TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"
+CRAFTED = "phi-console-tests/crafted"  # every crafted model, by file name
+PUCK, GOAL = token_id("▁puck"), token_id("▁goal")
+END, PLACEHOLDER = SPECIAL_TOKENS["<|end|>"], SPECIAL_TOKENS["<|placeholder1|>"]
+
+CRAFTED_LOGITS = {
+    "puck-goal.gguf": {PUCK: 10.0, GOAL: 9.0},  # greedy says "puck"; a penalty > 10/9 turns it to "goal"
+    "end.gguf": {END: 10.0},  # the likeliest token ends the reply at once
+    "placeholder.gguf": {PLACEHOLDER: 10.0},  # a special token that must never be printed
+    "emoji.gguf": {byte_token(0xF0): 10.0, byte_token(0x9F): 9.0, byte_token(0x98): 8.0, byte_token(0x80): 7.0},
+}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8")
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """Crafted models, written as F32 and quantized to Q4_K_M like the real Phi-3 file."""
+    folder = tmp_path_factory.mktemp("models")
+    built = {}
+    for name, logits in CRAFTED_LOGITS.items():
+        f32 = write_gguf(folder / f"{name}.f32", logits=logits)
+        built[name] = quantize_q4_k_m(f32, folder / name).read_bytes()
+        f32.unlink()
+    return built
+
+
+@pytest.fixture(scope="session")
+def hub(models: dict[str, bytes]) -> Hub:
+    hub = Hub()
+    hub.add(MODEL_REPO, {MODEL_FILE: models["puck-goal.gguf"], "README.md": b"# crafted\n"})
+    hub.add(TOKENIZER_REPO, {"tokenizer.json": tokenizer_json()})
+    hub.add(CRAFTED, {**models, "not-a-model.gguf": b"this is not a GGUF file at all\n" * 1000})
+    swapped = {**SPECIAL_TOKENS, "<|end|>": 32008, "<|placeholder5|>": 32007}
+    hub.add("phi-console-tests/mismatched-tokenizer", {"tokenizer.json": tokenizer_json(swapped)})
+    hub.add("phi-console-tests/broken-tokenizer", {"tokenizer.json": b"{ not json"})
+    hub.add("phi-console-tests/gated", {MODEL_FILE: models["puck-goal.gguf"]}, gated=True)
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_log(request: pytest.FixtureRequest) -> None:
+    """Each test sees only its own requests in hub.requests."""
+    if "hub" in request.fixturenames:
+        request.getfixturevalue("hub").requests.clear()
+
+
+@pytest.fixture(scope="session")
+def warm_home(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Path:
+    """An HF_HOME that already holds every crafted model, so behaviour tests skip the download."""
+    home = tmp_path_factory.mktemp("hf_home")
+    for name in CRAFTED_LOGITS:
+        result = console("--model-repo", CRAFTED, "--model-file", name, "--sample-len", "1", hub=hub, home=home)
+        assert result.returncode == 0, result.stderr
+    return home
+
+
+def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None = None,
+            stdin: bytes | None = None, script: Path = SCRIPT, timeout: float = 120) -> Result:
+    """Run the real phi_console.py the way a user does and capture what they would see."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    environment.update(HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+                       HF_ENDPOINT=hub.url if hub else "http://127.0.0.1:9")
+    environment.update(env or {})
+    environment = {k: v for k, v in environment.items() if v is not None}
+    completed = subprocess.run([sys.executable, str(script), *args], input=stdin,
+                               stdin=None if stdin is not None else subprocess.DEVNULL,
+                               capture_output=True, env=environment, timeout=timeout)
+    return Result(completed.returncode, completed.stdout, completed.stderr.decode("utf-8", "replace"))
+
+
+def crafted(model: str = "puck-goal.gguf", **settings: object) -> list[str]:
+    """Flags that pick a crafted model, with every sampling setting the test does not name turned off."""
+    chosen = {"temperature": 0, "repeat_penalty": 1.0, "sample_len": 8, "prompt": "say something", **settings}
+    flags = [x for name, value in chosen.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    return ["--model-repo", CRAFTED, "--model-file", model, *flags]

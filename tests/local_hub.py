@@ -1,0 +1,130 @@
+"""A stand-in for huggingface.co on 127.0.0.1 that speaks the hub's download protocol.
+
+`HEAD/GET /{repo}/resolve/{revision}/{file}` answers like the real hub: `X-Repo-Commit` names the
+commit, small files come back directly with their git blob sha1 as ETag, large (LFS) files answer
+with a redirect to a CDN URL plus `X-Linked-Etag` (their sha256) and `X-Linked-Size`, and failures
+carry the `X-Error-Code` header that huggingface_hub turns into typed errors. The CDN honours
+`Range`, so interrupted transfers can resume; like the real one it is another origin (a second port),
+so the client stops at the redirect and reads the metadata from it. Every request is recorded in
+`requests`.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LFS_THRESHOLD = 10 * 1024 * 1024  # the hub stores files this big (and every *.gguf) in LFS
+
+
+@dataclass
+class Repo:
+    files: dict[str, bytes]
+    commit: str = ""
+    gated: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.commit:
+            digest = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items())).encode())
+            self.commit = digest.hexdigest()
+
+
+@dataclass
+class Hub:
+    repos: dict[str, Repo] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    url: str = ""
+    cdn_url: str = ""
+
+    def add(self, repo_id: str, files: dict[str, bytes], *, gated: bool = False) -> Repo:
+        repo = Repo(files, gated=gated)
+        self.repos[repo_id] = repo
+        for data in files.values():
+            self.blobs[hashlib.sha256(data).hexdigest()] = data
+        return repo
+
+    def start(self) -> "Hub":
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep pytest's output clean
+                pass
+
+            def do_HEAD(self) -> None:
+                hub.requests.append(("HEAD", self.path))
+                self.answer(body=False)
+
+            def do_GET(self) -> None:
+                hub.requests.append(("GET", self.path))
+                self.answer(body=True)
+
+            def send(self, status: int, headers: dict[str, str], data: bytes = b"", body: bool = True) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body and data:
+                    self.wfile.write(data)
+
+            def fail(self, status: int, code: str, message: str, body: bool, commit: str = "") -> None:
+                headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
+                if commit:
+                    headers["X-Repo-Commit"] = commit
+                self.send(status, headers, f'{{"error": "{message}"}}'.encode(), body)
+
+            def answer(self, body: bool) -> None:
+                path = urllib.parse.urlsplit(self.path).path
+                cdn = re.fullmatch(r"/cdn/([0-9a-f]{64})", path)
+                if cdn and cdn.group(1) in hub.blobs:
+                    return self.serve_blob(hub.blobs[cdn.group(1)], body)
+                match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if not match:
+                    return self.fail(404, "EntryNotFound", "Not found", body)
+                repo_id, revision, name = (urllib.parse.unquote(g) for g in match.groups())
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    return self.fail(401, "RepoNotFound", "Repository not found", body)
+                if repo.gated and "authorization" not in {k.lower() for k in self.headers.keys()}:
+                    return self.fail(401, "GatedRepo", "Access to this model is restricted", body)
+                if revision not in ("main", repo.commit):
+                    return self.fail(404, "RevisionNotFound", "Invalid rev id", body)
+                if name not in repo.files:
+                    return self.fail(404, "EntryNotFound", "Entry not found", body, commit=repo.commit)
+                data = repo.files[name]
+                if len(data) >= LFS_THRESHOLD or name.endswith(".gguf"):
+                    sha = hashlib.sha256(data).hexdigest()
+                    return self.send(302, {"Location": f"{hub.cdn_url}/cdn/{sha}", "X-Repo-Commit": repo.commit,
+                                           "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}, b"", body)
+                self.send(200, {"X-Repo-Commit": repo.commit, "ETag": f'"{git_blob_sha1(data)}"',
+                                "Accept-Ranges": "bytes"}, data, body)
+
+            def serve_blob(self, data: bytes, body: bool) -> None:
+                ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if not ranged:
+                    return self.send(200, {"Accept-Ranges": "bytes"}, data, body)
+                start = int(ranged.group(1))
+                end = int(ranged.group(2)) if ranged.group(2) else len(data) - 1
+                self.send(206, {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
+                          data[start : end + 1], body)
+
+        self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in ("hub", "cdn")]
+        self.url, self.cdn_url = (f"http://127.0.0.1:{server.server_address[1]}" for server in self.servers)
+        for server in self.servers:
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -1,0 +1,142 @@
+"""Small Phi-3-architecture GGUF models whose next-token distribution is known exactly.
+
+Every layer's weights are zero and every token embedding is the same vector, so the hidden state
+is identical at every position and the logits are simply the rows of `output.weight` times that
+vector: a row of constant value v / n_embd gives its token the logit v, every other token gets 0.
+The vocabulary has Phi-3's size (32064) and its special tokens at their real ids; text pieces and
+byte-fallback tokens make it a working SentencePiece vocabulary for llama.cpp.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+N_VOCAB = 32064
+SPECIAL_TOKENS = {  # Phi-3-mini's special tokens and their ids
+    "<unk>": 0, "<s>": 1, "</s>": 2, "<|endoftext|>": 32000, "<|assistant|>": 32001,
+    "<|placeholder1|>": 32002, "<|placeholder2|>": 32003, "<|placeholder3|>": 32004,
+    "<|placeholder4|>": 32005, "<|system|>": 32006, "<|end|>": 32007,
+    "<|placeholder5|>": 32008, "<|placeholder6|>": 32009, "<|user|>": 32010,
+}
+WORDS = ["puck", "goal", "hello", "world", "write", "haiku", "about", "ice", "hockey", "the", "a", "why",
+         "is", "sky", "blue", "say", "something", "quick", "brown", "fox"]
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def byte_token(value: int) -> int:
+    """Id of the byte-fallback token <0xNN>."""
+    return 3 + value
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types of a 32064-token SentencePiece vocabulary laid out like Phi-3's."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    text = ["▁" + w for w in WORDS] + ["▁"] + [chr(c) for c in range(33, 127)]
+    text += [f"▁w{i}" for i in range(32000 - len(pieces) - len(text))]
+    pieces += text
+    types += [gguf.TokenType.NORMAL] * len(text)
+    scores = [0.0] * 259 + [float(len(p)) for p in text]  # SentencePiece prefers the longer merge
+    by_id = {i: name for name, i in SPECIAL_TOKENS.items() if i >= 32000}
+    for i in range(32000, N_VOCAB):
+        pieces.append(by_id.get(i, f"<|pad{i}|>"))
+        types.append(gguf.TokenType.CONTROL if i in by_id else gguf.TokenType.UNUSED)
+        scores.append(0.0)
+    assert len(pieces) == N_VOCAB
+    return pieces, scores, [int(t) for t in types]
+
+
+def token_id(piece: str) -> int:
+    return vocabulary()[0].index(piece)
+
+
+def write_gguf(path: Path, *, logits: dict[int, float], n_embd: int = 256, n_ff: int = 256, n_layer: int = 2,
+               n_head: int = 4, context: int = 4096, eos: int = 32000, random_weights: bool = False) -> Path:
+    """Write an F32 Phi-3 GGUF whose next-token logits are `logits` (token id -> value, others 0).
+
+    With random_weights the layers get random values instead (same shapes and cost as a real model).
+    """
+    pieces, scores, types = vocabulary()
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_name("phi3-crafted")
+    writer.add_context_length(context)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_block_count(n_layer)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(eos)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(32000)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(PHI3_CHAT_TEMPLATE)
+
+    rng = np.random.default_rng(0)
+
+    def layer(rows: int, cols: int) -> np.ndarray:
+        if random_weights:
+            return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+        return np.zeros((rows, cols), dtype=np.float32)
+
+    output = np.zeros((N_VOCAB, n_embd), dtype=np.float32)
+    for token, value in logits.items():
+        output[token, :] = value / n_embd
+    writer.add_tensor("token_embd.weight", np.ones((N_VOCAB, n_embd), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_qkv.weight", layer(3 * n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", layer(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", layer(2 * n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", layer(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def quantize_q4_k_m(source: Path, target: Path) -> Path:
+    """Quantize with llama.cpp itself to Q4_K_M, the type of the real Phi-3 file."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"quantizing {source} failed")
+    return target
+
+
+def tokenizer_json(specials: dict[str, int] = SPECIAL_TOKENS) -> bytes:
+    """A tokenizer.json in Hugging Face's layout, listing the special tokens as Phi-3's does."""
+    pieces = vocabulary()[0]
+    added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": name != "<s>",
+              "normalized": False, "special": True} for name, i in sorted(specials.items(), key=lambda kv: kv[1])]
+    model = {"type": "BPE", "byte_fallback": True, "vocab": {p: i for i, p in enumerate(pieces[:32000])}, "merges": []}
+    return json.dumps({"version": "1.0", "added_tokens": added, "model": model}, ensure_ascii=False).encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
