@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # /// script
-# requires-python = ">=3.9"
+# requires-python = ">=3.10"
 # dependencies = ["llama-cpp-python==0.3.36", "huggingface_hub==2.4.0"]
 # ///
 """Stream a completion from Microsoft's Phi-3-mini, on your own machine.
@@ -54,7 +54,7 @@ REPEAT_LAST_N = 64  # >= 0; how many recent tokens (prompt included) the penalty
 SAMPLE_LEN = 100  # >= 1; the most tokens to generate
 SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
 N_THREADS = None  # >= 1 CPU threads; None = the number of physical cores
-N_GPU_LAYERS = None  # >= 0 layers to offload to a GPU; None = all of them when this build can offload, else 0
+N_GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
 N_CTX = 4096  # >= 1 tokens of context (prompt + reply); at most the model's own 4096
 
 HUB_TIMEOUT = 10  # seconds to wait for the hub to answer before saying it is unreachable
@@ -91,20 +91,20 @@ def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.error = lambda message: fail(f"{message} (see --help)", code=2)  # one line, not usage + error
     add = parser.add_argument
     # The prompt's default is filled in after parsing, so that a pipe can stand in for a missing -p.
-    add("-p", "--prompt", help=f"your words; '-' reads stdin, as does a pipe when -p is absent (default: {PROMPT!r})")
-    add("--temperature", type=float, default=TEMPERATURE, help="0 = greedy, higher = more random (default: %(default)s)")
-    add("--top-p", type=float, default=TOP_P, help="nucleus sampling, 0 < p <= 1 (default: %(default)s = off)")
-    add("--repeat-penalty", type=float, default=REPEAT_PENALTY, help="1.0 = off, > 1 discourages repeats (default: %(default)s)")
-    add("--repeat-last-n", type=int, default=REPEAT_LAST_N, help="tokens the repeat penalty looks back over (default: %(default)s)")
-    add("--sample-len", type=int, default=SAMPLE_LEN, help="most tokens to generate (default: %(default)s)")
-    add("--seed", type=int, default=SEED, help=f"0..{MAX_SEED} repeats a run (default: %(default)s = random, printed at the end)")
-    add("--threads", type=int, default=N_THREADS, help="CPU threads (default: %(default)s = physical cores)")
-    add("--gpu-layers", type=int, default=N_GPU_LAYERS, help="layers offloaded to a GPU (default: %(default)s = all, if the build can)")
-    add("--ctx", type=int, default=N_CTX, help="context size in tokens, prompt + reply (default: %(default)s)")
-    add("--model-repo", default=MODEL_REPO, help="Hugging Face repo of the GGUF weights (default: %(default)s)")
-    add("--model-file", default=MODEL_FILE, help="GGUF file in that repo (default: %(default)s)")
-    add("--revision", default=MODEL_REVISION, help="branch, tag or commit of the model repo (default: %(default)s)")
-    add("--tokenizer-repo", default=TOKENIZER_REPO, help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
+    add("-p", "--prompt", metavar="TEXT", help=f"your words; '-' reads stdin, as does a pipe when -p is absent (default: {PROMPT!r})")
+    add("--temperature", type=float, metavar="T", default=TEMPERATURE, help="0 = greedy, higher = more random (default: %(default)s)")
+    add("--top-p", type=float, metavar="P", default=TOP_P, help="nucleus sampling, 0 < p <= 1 (default: %(default)s = off)")
+    add("--repeat-penalty", type=float, metavar="X", default=REPEAT_PENALTY, help="1.0 = off, > 1 discourages repeats (default: %(default)s)")
+    add("--repeat-last-n", type=int, metavar="N", default=REPEAT_LAST_N, help="tokens the repeat penalty looks back over (default: %(default)s)")
+    add("--sample-len", type=int, metavar="N", default=SAMPLE_LEN, help="most tokens to generate (default: %(default)s)")
+    add("--seed", type=int, metavar="N", default=SEED, help=f"0..{MAX_SEED} repeats a run (default: %(default)s = random, printed at the end)")
+    add("--threads", type=int, metavar="N", default=N_THREADS, help="CPU threads (default: %(default)s = physical cores)")
+    add("--gpu-layers", type=int, metavar="N", default=N_GPU_LAYERS, help="layers offloaded to a GPU (default: %(default)s = all, if the build can)")
+    add("--ctx", type=int, metavar="N", default=N_CTX, help="context size in tokens, prompt + reply (default: %(default)s)")
+    add("--model-repo", metavar="REPO", default=MODEL_REPO, help="Hugging Face repo of the GGUF weights (default: %(default)s)")
+    add("--model-file", metavar="FILE", default=MODEL_FILE, help="GGUF file in that repo (default: %(default)s)")
+    add("--revision", metavar="REV", default=MODEL_REVISION, help="branch, tag or commit of the model repo (default: %(default)s)")
+    add("--tokenizer-repo", metavar="REPO", default=TOKENIZER_REPO, help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
     add("-q", "--quiet", action="store_true", help="stderr shows errors only")
     add("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
     return parser.parse_args(argv)
@@ -127,11 +127,11 @@ def check_settings(s: argparse.Namespace) -> None:
         ("sample-len", s.sample_len, lambda v: integer(v) and v >= 1, "an integer >= 1"),
         ("seed", s.seed, lambda v: v is None or (integer(v) and 0 <= v <= MAX_SEED), f"an integer in 0..{MAX_SEED}"),
         ("threads", s.threads, lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1"),
-        ("gpu-layers", s.gpu_layers, lambda v: v is None or (integer(v) and v >= 0), "an integer >= 0"),
+        ("gpu-layers", s.gpu_layers, lambda v: v is None or (integer(v) and v >= -1), "an integer >= 0, or -1 for all"),
         ("ctx", s.ctx, lambda v: integer(v) and v >= 1, "an integer >= 1"),
     ]
     rules += [(name, getattr(s, name.replace("-", "_")), lambda v: isinstance(v, str) and v.strip() != "",
-               "a non-empty string") for name in ("prompt", "model-repo", "model-file", "revision", "tokenizer-repo")]
+               "a non-empty string") for name in ("model-repo", "model-file", "revision", "tokenizer-repo")]
     for flag, value, ok, want in rules:
         if not ok(value):
             fail(f"--{flag} must be {want} (got {value!r})", code=2)
@@ -145,9 +145,10 @@ def read_prompt(prompt: Optional[str], *, default: str) -> str:
         mode = 0
     if prompt == "-" or (prompt is None and (stat.S_ISFIFO(mode) or stat.S_ISREG(mode))):
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
-        if not prompt:
-            fail("the prompt read from stdin is empty", code=2)
-    return default if prompt is None else prompt
+    prompt = default if prompt is None else prompt
+    if not isinstance(prompt, str) or not prompt.strip():
+        fail(f"the prompt is empty (got {prompt!r}); pass --prompt, pipe text in, or set PROMPT", code=2)
+    return prompt
 
 
 def physical_cores() -> int:

@@ -98,7 +98,11 @@ def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None 
 
 
 def crafted(model: str = "puck-goal.gguf", **settings: object) -> list[str]:
-    """Flags that pick a crafted model, with every sampling setting the test does not name turned off."""
+    """Flags that pick a crafted model, with every sampling setting the test does not name turned off.
+
+    A setting given as None is left out, so the script's own default (or stdin, for the prompt) applies.
+    """
     chosen = {"temperature": 0, "repeat_penalty": 1.0, "sample_len": 8, "prompt": "say something", **settings}
-    flags = [x for name, value in chosen.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    flags = [x for name, value in chosen.items() if value is not None
+             for x in (f"--{name.replace('_', '-')}", str(value))]
     return ["--model-repo", CRAFTED, "--model-file", model, *flags]

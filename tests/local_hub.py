@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 LFS_THRESHOLD = 10 * 1024 * 1024  # the hub stores files this big (and every *.gguf) in LFS
 
 
-@dataclass
+@dataclass(repr=False)
 class Repo:
     files: dict[str, bytes]
     commit: str = ""
@@ -32,7 +32,7 @@ class Repo:
             self.commit = digest.hexdigest()
 
 
-@dataclass
+@dataclass(repr=False)
 class Hub:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)

@@ -42,7 +42,9 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     """Pieces, scores and types of a 32064-token SentencePiece vocabulary laid out like Phi-3's."""
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    text = ["▁" + w for w in WORDS] + ["▁"] + [chr(c) for c in range(33, 127)]
+    # Whole words plus every prefix on the way to them: SentencePiece only merges into known pieces.
+    text = list(dict.fromkeys(form[:k] for w in WORDS for form in ("▁" + w, w) for k in range(len(form), 1, -1)))
+    text += ["▁"] + [chr(c) for c in range(33, 127) if chr(c) not in text]
     text += [f"▁w{i}" for i in range(32000 - len(pieces) - len(text))]
     pieces += text
     types += [gguf.TokenType.NORMAL] * len(text)
@@ -122,11 +124,25 @@ def quantize_q4_k_m(source: Path, target: Path) -> Path:
     """Quantize with llama.cpp itself to Q4_K_M, the type of the real Phi-3 file."""
     import llama_cpp
 
+    llama_cpp.llama_log_set(QUIET_LOG, ctypes.c_void_p(0))  # its per-tensor report would flood pytest's output
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"quantizing {source} failed")
     return target
+
+
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    pass
+
+
+QUIET_LOG = None
+try:
+    import llama_cpp as _llama_cpp
+
+    QUIET_LOG = _llama_cpp.llama_log_callback(_quiet_log)
+except ImportError:  # quantizing needs it; writing F32 models does not
+    pass
 
 
 def tokenizer_json(specials: dict[str, int] = SPECIAL_TOKENS) -> bytes:

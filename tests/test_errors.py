@@ -1,0 +1,160 @@
+"""Every expected failure is one `error:` line naming the cause and the fix, and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CRAFTED, SCRIPT, console, crafted
+
+
+def one_error_line(result, code: int = 1) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stdout == b""
+    return errors[0]
+
+
+BAD_SETTINGS = [
+    ("--temperature", "-0.5"),
+    ("--temperature", "nan"),
+    ("--temperature", "inf"),
+    ("--temperature", "warm"),
+    ("--top-p", "0"),
+    ("--top-p", "1.5"),
+    ("--top-p", "-0.1"),
+    ("--repeat-penalty", "0"),
+    ("--repeat-penalty", "-1"),
+    ("--repeat-last-n", "-1"),
+    ("--repeat-last-n", "2.5"),
+    ("--sample-len", "0"),
+    ("--sample-len", "ten"),
+    ("--seed", "-1"),
+    ("--seed", str(2**32 - 1)),
+    ("--threads", "0"),
+    ("--threads", "-4"),
+    ("--gpu-layers", "-2"),
+    ("--ctx", "0"),
+    ("--model-file", ""),
+    ("--revision", "  "),
+    ("--no-such-flag", "1"),
+]
+
+
+@pytest.mark.parametrize("flag,value", BAD_SETTINGS)
+def test_a_bad_setting_is_refused_before_anything_slow(tmp_path, flag, value):
+    result = console(flag, value, hub=None, home=tmp_path)  # no hub: refusing must not need the network
+    line = one_error_line(result, code=2)
+    assert flag in line
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "hub").exists()  # nothing was downloaded or even looked up
+
+
+def test_a_context_larger_than_the_model_was_trained_for_is_refused(hub, warm_home):
+    line = one_error_line(console(*crafted(), "--ctx", "8192", hub=hub, home=warm_home), code=2)
+    assert "--ctx 8192" in line and "4096" in line
+
+
+def test_a_prompt_that_leaves_no_room_in_the_context_is_refused(hub, warm_home):
+    result = console(*crafted(prompt="hello world " * 40), "--ctx", "64", hub=hub, home=warm_home)
+    line = one_error_line(result, code=2)
+    assert "prompt is" in line and "64" in line and "--ctx" in line
+
+
+def test_a_long_reply_stops_when_the_context_is_full_and_says_so(hub, warm_home):
+    result = console(*crafted(prompt="hello", sample_len=100), "--ctx", "40", hub=hub, home=warm_home)
+    assert result.returncode == 0, result.stderr
+    assert "leaves room for" in result.stderr
+    count = len(result.text.split())
+    assert 0 < count < 100 and f"generated: {count} tokens" in result.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--model-repo", "nobody/no-such-model"), "repository nobody/no-such-model not found"),
+    (("--model-file", "no-such-file.gguf"), "no-such-file.gguf not found in"),
+    (("--revision", "v999"), "revision 'v999' not found"),
+    (("--model-repo", "phi-console-tests/gated"), "HF_TOKEN"),
+    (("--tokenizer-repo", "nobody/no-such-tokenizer"), "repository nobody/no-such-tokenizer not found"),
+])
+def test_hub_refusals_name_what_to_check(hub, tmp_path, args, expected):
+    line = one_error_line(console(*args, hub=hub, home=tmp_path))
+    assert expected in line
+
+
+def test_an_unreachable_hub_with_nothing_cached_answers_within_seconds(tmp_path):
+    started = time.monotonic()
+    result = console(hub=None, home=tmp_path)  # HF_ENDPOINT points at a closed port
+    elapsed = time.monotonic() - started
+    line = one_error_line(result)
+    assert "cannot reach the hub" in line and "not cached" in line
+    assert "Retry" not in result.stderr
+    assert elapsed < 8  # the library alone would retry with backoff for about 25 s
+
+
+def test_offline_mode_with_nothing_cached_says_so(hub, tmp_path):
+    line = one_error_line(console(hub=hub, home=tmp_path, env={"HF_HUB_OFFLINE": "1"}))
+    assert "HF_HUB_OFFLINE" in line
+    assert hub.requests == []
+
+
+def test_a_file_that_is_not_a_gguf_is_refused(hub, tmp_path):
+    result = console("--model-repo", CRAFTED, "--model-file", "not-a-model.gguf", hub=hub, home=tmp_path)
+    line = one_error_line(result)
+    assert "not a loadable GGUF" in line and "not-a-model.gguf" in line
+
+
+def test_a_tokenizer_that_disagrees_with_the_gguf_is_refused(hub, warm_home):
+    result = console(*crafted(), "--tokenizer-repo", "phi-console-tests/mismatched-tokenizer", hub=hub, home=warm_home)
+    line = one_error_line(result)
+    assert "<|end|>" in line and "32008" in line and "do not belong together" in line
+
+
+def test_a_tokenizer_that_is_not_json_is_refused(hub, warm_home):
+    result = console(*crafted(), "--tokenizer-repo", "phi-console-tests/broken-tokenizer", hub=hub, home=warm_home)
+    assert "not a usable tokenizer.json" in one_error_line(result)
+
+
+def stream_then_signal(hub, home, signum: int) -> tuple[int, bytes, str]:
+    """Start a long reply, wait until text is streaming, then send a signal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    args = crafted(sample_len=4000)
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = process.stdout.read(20)  # blocks until the reply is streaming
+    process.send_signal(signum)
+    started = time.monotonic()
+    rest, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - started < 2
+    return process.returncode, first + rest, stderr.decode()
+
+
+def test_ctrl_c_while_streaming_stops_ends_the_line_and_exits_130(hub, warm_home):
+    code, stdout, stderr = stream_then_signal(hub, warm_home, signal.SIGINT)
+    assert code == 130
+    assert stdout.startswith(b"puck puck") and stdout.endswith(b"\n")
+    assert len(stdout.split()) < 4000
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_while_streaming_exits_143(hub, warm_home):
+    code, stdout, stderr = stream_then_signal(hub, warm_home, signal.SIGTERM)
+    assert code == 143
+    assert stdout.endswith(b"\n") and "Traceback" not in stderr
+
+
+def test_a_closed_stdout_ends_quietly(hub, warm_home):
+    command = f"{sys.executable} {SCRIPT} {shlex.join(crafted(sample_len=3000))} | head -c 20; exit ${{PIPESTATUS[0]}}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(warm_home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, env=env, timeout=60)
+    assert result.stdout == b"puck puck puck puck "
+    assert result.returncode == 0
+    assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
