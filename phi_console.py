@@ -18,14 +18,18 @@ from __future__ import annotations
 import argparse
 import codecs
 import ctypes
+import errno
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import stat
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Optional, TypeVar
 
 try:
@@ -57,8 +61,8 @@ N_THREADS = None  # >= 1 CPU threads; None = the number of physical cores
 N_GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
 N_CTX = 4096  # >= 1 tokens of context (prompt + reply); at most the model's own 4096
 
-HUB_TIMEOUT = 10  # seconds to wait for the hub to answer before saying it is unreachable
 TOKENIZER_FILE = "tokenizer.json"  # the file in TOKENIZER_REPO that lists Phi-3's special tokens
+TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is 1.9 MB; a bigger file is refused rather than parsed into memory
 CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # tokens the chat format uses
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
@@ -167,9 +171,18 @@ def physical_cores() -> int:
 # ---------------------------------------------------------------------------------------------
 # Download: the cache answers first, so a cached run sends no request at all
 # ---------------------------------------------------------------------------------------------
-def download(files: list[tuple[str, str, str]], *, timeout: float, quiet: bool) -> list[str]:
-    """Return local paths for (repo, file, revision) triples, fetching only what the cache lacks."""
+def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, quiet: bool) -> list[str]:
+    """Return verified local paths for (repo, file, revision) triples, fetching only what the cache lacks."""
     paths = [try_to_load_from_cache(repo, name, revision=revision) for repo, name, revision in files]
+    for index, path in enumerate(paths):  # a damaged cached file is fetched again, like a missing one
+        if isinstance(path, str) and not verified(path, state=state):
+            if hub_constants.HF_HUB_OFFLINE:
+                fail(f"the cached {path} is damaged (its hash does not match the hub's); "
+                     "run without HF_HUB_OFFLINE to download it again")
+            note(f"the cached {files[index][1]} is damaged (its hash does not match the hub's); downloading it again",
+                 quiet=quiet)
+            os.remove(os.path.realpath(path))
+            paths[index] = None
     missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths)) if not isinstance(path, str)]
     if not missing:
         return paths  # type: ignore[return-value]
@@ -180,15 +193,60 @@ def download(files: list[tuple[str, str, str]], *, timeout: float, quiet: bool) 
     sizes = [hub_call(lambda: get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout),
                       repo=repo, name=name, revision=revision, timeout=timeout).size or 0
              for (repo, name, revision), _ in missing]
-    note(f"downloading {sum(sizes) / 1e9:.2f} GB into {hub_constants.HF_HUB_CACHE} "
-         "(once: later runs start from this cache)", quiet=quiet)
-    for (repo, name, revision), i in missing:
-        paths[i] = hub_call(lambda: hf_hub_download(repo, name, revision=revision, etag_timeout=timeout),
-                            repo=repo, name=name, revision=revision, timeout=timeout)
+    cache = Path(hub_constants.HF_HUB_CACHE)
+    free = shutil.disk_usage(next(p for p in (cache, *cache.parents) if p.exists())).free
+    if sum(sizes) > free:
+        fail(f"the download needs {sum(sizes) / 1e9:.2f} GB in {cache}, but only {free / 1e9:.2f} GB is free; "
+             "free some space, or set HF_HOME to a disk with room")
+    note(f"downloading {sum(sizes) / 1e9:.2f} GB into {cache} (once: later runs start from this cache)", quiet=quiet)
+    for ((repo, name, revision), i), size in zip(missing, sizes):
+        path = hub_call(lambda: hf_hub_download(repo, name, revision=revision, etag_timeout=timeout),
+                        repo=repo, name=name, revision=revision, timeout=timeout, size=size)
+        blob = Path(os.path.realpath(path))
+        for leftover in blob.parent.glob(f"{blob.name}.*.incomplete"):  # from runs that were killed mid-download
+            leftover.unlink(missing_ok=True)
+        if not verified(path, state=state):
+            blob.unlink(missing_ok=True)
+            fail(f"{repo}/{name} arrived damaged (its hash does not match the hub's); run again to retry")
+        paths[i] = path
     return paths  # type: ignore[return-value]
 
 
-def hub_call(call: Callable[[], T], *, repo: str, name: str, revision: str, timeout: float) -> T:
+def verified(path: str, *, state: Path) -> bool:
+    """Does a cached file hash to the etag it is stored under? Hashes only when its size or mtime changed.
+
+    The hub names each blob by its etag: the sha256 of an LFS file (the GGUF), the git blob sha1 of a
+    small one. huggingface_hub itself checks only the size of a download.
+    """
+    blob = os.path.realpath(path)
+    etag = os.path.basename(blob)
+    if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
+        return True  # not named by a hash (a cache without symlinks): nothing to check against
+    stamp = [os.stat(blob).st_size, os.stat(blob).st_mtime_ns]
+    try:
+        seen = json.loads(state.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    if isinstance(seen, dict) and seen.get(blob) == stamp:
+        return True
+    digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % stamp[0])
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != etag:
+        return False
+    seen = {**(seen if isinstance(seen, dict) else {}), blob: stamp}
+    try:  # written whole or not at all; a read-only cache just means hashing again next time
+        state.parent.mkdir(parents=True, exist_ok=True)
+        partial = state.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(seen))
+        os.replace(partial, state)
+    except OSError:
+        pass
+    return True
+
+
+def hub_call(call: Callable[[], T], *, repo: str, name: str, revision: str, timeout: float, size: int = 0) -> T:
     """Call huggingface_hub, turning each way it can fail into one line that says what to do."""
     endpoint = hub_constants.ENDPOINT
     try:
@@ -206,17 +264,22 @@ def hub_call(call: Callable[[], T], *, repo: str, name: str, revision: str, time
         fail(f"the hub at {endpoint} answered HTTP {status} for {repo}/{name}; try again later")
     except (hub_httpx.TimeoutException, TimeoutError):
         fail(f"the hub at {endpoint} did not answer within {timeout:g} s while fetching {repo}/{name}; "
-             "check your connection and run again")
+             "check your connection and run again (HF_HUB_ETAG_TIMEOUT sets the wait)")
     except (hub_httpx.HTTPError, ConnectionError) as error:
         fail(f"cannot reach the hub at {endpoint} ({type(error).__name__}) and {repo}/{name} is not cached; "
              "connect once to download it")
     except OSError as error:
-        fail(f"could not save {repo}/{name} under {hub_constants.HF_HUB_CACHE}: {error.strerror or error}")
+        if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            fail(f"no room to save {repo}/{name} ({size / 1e9:.2f} GB) in {hub_constants.HF_HUB_CACHE}: "
+                 f"{error.strerror}; free some space, or set HF_HOME to a disk with room")
+        fail(f"could not save {repo}/{name} in {hub_constants.HF_HUB_CACHE}: {error.strerror or error}")
 
 
 def read_special_tokens(path: str) -> dict[str, int]:
     """Map each special token's text to its id, from tokenizer.json's `added_tokens` list."""
     try:
+        if os.path.getsize(path) > TOKENIZER_MAX_BYTES:
+            raise ValueError(f"{os.path.getsize(path)} bytes is far more than a tokenizer needs")
         with open(path, encoding="utf-8") as f:
             added = json.load(f)["added_tokens"]
         specials = {t["content"]: int(t["id"]) for t in added if t.get("special")}
@@ -261,7 +324,7 @@ def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -
         params.use_extra_bufts = False
     model = llama_cpp.llama_model_load_from_file(path.encode(), params)
     if not model:
-        reason = log_errors[-1] if log_errors else "llama.cpp could not read it"
+        reason = log_errors[0].split(": ", 1)[-1] if log_errors else "llama.cpp could not read it"
         fail(f"{path} is not a loadable GGUF model ({reason}); delete it to download it again")
     return model
 
@@ -394,7 +457,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     model_path, tokenizer_path = download(
         [(settings.model_repo, settings.model_file, settings.revision),
-         (settings.tokenizer_repo, TOKENIZER_FILE, "main")], timeout=HUB_TIMEOUT, quiet=quiet)
+         (settings.tokenizer_repo, TOKENIZER_FILE, "main")],
+        state=Path(hub_constants.HF_HOME) / "phi-console" / "verified.json",
+        timeout=hub_constants.HF_HUB_ETAG_TIMEOUT, quiet=quiet)
     specials = read_special_tokens(tokenizer_path)
 
     started = time.perf_counter()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from local_hub import Hub
-from phi3_models import SPECIAL_TOKENS, byte_token, quantize_q4_k_m, token_id, tokenizer_json, write_gguf
+from phi3_models import (SPECIAL_TOKENS, byte_token, hostile_ggufs, quantize_q4_k_m, token_id, tokenizer_json,
+                         write_gguf)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "phi_console.py"
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # the script's defaults, served locally
@@ -56,10 +59,13 @@ def hub(models: dict[str, bytes]) -> Hub:
     hub = Hub()
     hub.add(MODEL_REPO, {MODEL_FILE: models["puck-goal.gguf"], "README.md": b"# crafted\n"})
     hub.add(TOKENIZER_REPO, {"tokenizer.json": tokenizer_json()})
-    hub.add(CRAFTED, {**models, "not-a-model.gguf": b"this is not a GGUF file at all\n" * 1000})
+    hub.add(CRAFTED, {**models, **hostile_ggufs(models["puck-goal.gguf"]),
+                      "not-a-model.gguf": b"this is not a GGUF file at all\n" * 1000})
     swapped = {**SPECIAL_TOKENS, "<|end|>": 32008, "<|placeholder5|>": 32007}
     hub.add("phi-console-tests/mismatched-tokenizer", {"tokenizer.json": tokenizer_json(swapped)})
     hub.add("phi-console-tests/broken-tokenizer", {"tokenizer.json": b"{ not json"})
+    hub.add("phi-console-tests/plain-tokenizer", {"tokenizer.json": tokenizer_json({"<unk>": 0, "<s>": 1, "</s>": 2})})
+    hub.add("phi-console-tests/huge-tokenizer", {"tokenizer.json": b"{" + b" " * (65 * 2**20) + b"}"})
     hub.add("phi-console-tests/gated", {MODEL_FILE: models["puck-goal.gguf"]}, gated=True)
     hub.start()
     yield hub
@@ -84,17 +90,33 @@ def warm_home(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Path:
 
 
 def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None = None,
-            stdin: bytes | None = None, script: Path = SCRIPT, timeout: float = 120) -> Result:
-    """Run the real phi_console.py the way a user does and capture what they would see."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    environment.update(HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-                       HF_ENDPOINT=hub.url if hub else "http://127.0.0.1:9")
+            stdin: bytes | None = None, script: Path = SCRIPT, timeout: float = 120,
+            max_file_size: int | None = None) -> Result:
+    """Run the real phi_console.py the way a user does and capture what they would see.
+
+    max_file_size caps every file the script writes (RLIMIT_FSIZE): a disk that fills up mid-download.
+    """
+    environment = environment_for(hub, home)
     environment.update(env or {})
     environment = {k: v for k, v in environment.items() if v is not None}
     completed = subprocess.run([sys.executable, str(script), *args], input=stdin,
                                stdin=None if stdin is not None else subprocess.DEVNULL,
-                               capture_output=True, env=environment, timeout=timeout)
+                               capture_output=True, env=environment, timeout=timeout,
+                               preexec_fn=(lambda: limit_file_size(max_file_size)) if max_file_size else None)
     return Result(completed.returncode, completed.stdout, completed.stderr.decode("utf-8", "replace"))
+
+
+def limit_file_size(size: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def environment_for(hub: Hub | None, home: Path) -> dict[str, str]:
+    """The environment of a user whose hub is the local one and whose cache is `home`."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    environment.update(HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+                       HF_ENDPOINT=hub.url if hub else "http://127.0.0.1:9")
+    return environment
 
 
 def crafted(model: str = "puck-goal.gguf", **settings: object) -> list[str]:

@@ -7,12 +7,17 @@ carry the `X-Error-Code` header that huggingface_hub turns into typed errors. Th
 `Range`, so interrupted transfers can resume; like the real one it is another origin (a second port),
 so the client stops at the redirect and reads the metadata from it. Every request is recorded in
 `requests`.
+
+Faults to inject: `throttle` (bytes per second for file bodies), `drop_after` (the next body from offset 0
+stops after that many bytes and the connection closes), `hang` (accept every connection, never answer).
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +44,10 @@ class Hub:
     blobs: dict[str, bytes] = field(default_factory=dict)
     url: str = ""
     cdn_url: str = ""
+    throttle: float = 0.0
+    drop_after: int | None = None
+    hang: bool = False
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def add(self, repo_id: str, files: dict[str, bytes], *, gated: bool = False) -> Repo:
         repo = Repo(files, gated=gated)
@@ -79,6 +88,8 @@ class Hub:
                 self.send(status, headers, f'{{"error": "{message}"}}'.encode(), body)
 
             def answer(self, body: bool) -> None:
+                while hub.hang and not hub.stopped.wait(0.1):
+                    pass  # a hub that accepted the connection and never answers
                 path = urllib.parse.urlsplit(self.path).path
                 cdn = re.fullmatch(r"/cdn/([0-9a-f]{64})", path)
                 if cdn and cdn.group(1) in hub.blobs:
@@ -106,12 +117,29 @@ class Hub:
 
             def serve_blob(self, data: bytes, body: bool) -> None:
                 ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-                if not ranged:
-                    return self.send(200, {"Accept-Ranges": "bytes"}, data, body)
-                start = int(ranged.group(1))
-                end = int(ranged.group(2)) if ranged.group(2) else len(data) - 1
-                self.send(206, {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Accept-Ranges": "bytes"},
-                          data[start : end + 1], body)
+                start = int(ranged.group(1)) if ranged else 0
+                end = int(ranged.group(2)) if ranged and ranged.group(2) else len(data) - 1
+                headers = {"Accept-Ranges": "bytes", "Content-Length": str(end + 1 - start)}
+                if ranged:
+                    headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                self.send(206 if ranged else 200, headers, b"", body=False)
+                if not body:
+                    return
+                stop_at = end + 1
+                if hub.drop_after is not None and start == 0:
+                    stop_at, hub.drop_after = hub.drop_after, None
+                for offset in range(start, stop_at, 65536):
+                    chunk = data[offset : min(offset + 65536, stop_at)]
+                    try:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                    except OSError:  # the client went away
+                        return
+                    if hub.throttle:
+                        time.sleep(len(chunk) / hub.throttle)
+                if stop_at <= end:  # cut the connection mid-body, as a flaky network does
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
         self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in ("hub", "cdn")]
         self.url, self.cdn_url = (f"http://127.0.0.1:{server.server_address[1]}" for server in self.servers)
@@ -121,6 +149,7 @@ class Hub:
         return self
 
     def stop(self) -> None:
+        self.stopped.set()
         for server in self.servers:
             server.shutdown()
             server.server_close()

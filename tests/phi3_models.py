@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import struct
 from pathlib import Path
 
 import gguf
@@ -63,10 +64,13 @@ def token_id(piece: str) -> int:
 
 
 def write_gguf(path: Path, *, logits: dict[int, float], n_embd: int = 256, n_ff: int = 256, n_layer: int = 2,
-               n_head: int = 4, context: int = 4096, eos: int = 32000, random_weights: bool = False) -> Path:
-    """Write an F32 Phi-3 GGUF whose next-token logits are `logits` (token id -> value, others 0).
+               n_head: int = 4, context: int = 4096, eos: int = 32000, random_weights: bool = False,
+               dtype: type = np.float32) -> Path:
+    """Write a Phi-3 GGUF whose next-token logits are `logits` (token id -> value, every other token 0).
 
-    With random_weights the layers get random values instead (same shapes and cost as a real model).
+    With random_weights every tensor gets random values instead (the cost of a real model, not its
+    behaviour); tensors of one shape share one random block, so even Phi-3-mini's size writes quickly.
+    Special tokens keep logit 0 there, so a greedy reply never stops early.
     """
     pieces, scores, types = vocabulary()
     writer = gguf.GGUFWriter(str(path), "phi3")
@@ -80,7 +84,7 @@ def write_gguf(path: Path, *, logits: dict[int, float], n_embd: int = 256, n_ff:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_rope_freq_base(10000.0)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(pieces)
     writer.add_token_scores(scores)
@@ -94,25 +98,37 @@ def write_gguf(path: Path, *, logits: dict[int, float], n_embd: int = 256, n_ff:
     writer.add_chat_template(PHI3_CHAT_TEMPLATE)
 
     rng = np.random.default_rng(0)
+    blocks: dict[tuple[int, int], np.ndarray] = {}
 
-    def layer(rows: int, cols: int) -> np.ndarray:
-        if random_weights:
-            return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
-        return np.zeros((rows, cols), dtype=np.float32)
+    def weights(rows: int, cols: int) -> np.ndarray:
+        if not random_weights:
+            return np.zeros((rows, cols), dtype=dtype)
+        if (rows, cols) not in blocks:
+            blocks[rows, cols] = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(dtype)
+        return blocks[rows, cols]
 
-    output = np.zeros((N_VOCAB, n_embd), dtype=np.float32)
-    for token, value in logits.items():
-        output[token, :] = value / n_embd
-    writer.add_tensor("token_embd.weight", np.ones((N_VOCAB, n_embd), dtype=np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    def ones(*shape: int) -> np.ndarray:
+        return np.ones(shape, dtype=np.float32)  # norms stay F32, as in the real file
+
+    if random_weights:
+        output = weights(N_VOCAB, n_embd).copy()
+        output[sorted(set(SPECIAL_TOKENS.values()))] = 0
+        embedding = weights(N_VOCAB, n_embd)
+    else:
+        output = np.zeros((N_VOCAB, n_embd), dtype=dtype)
+        for token, value in logits.items():
+            output[token, :] = value / n_embd
+        embedding = np.ones((N_VOCAB, n_embd), dtype=dtype)
+    writer.add_tensor("token_embd.weight", embedding)
+    writer.add_tensor("output_norm.weight", ones(n_embd))
     writer.add_tensor("output.weight", output)
     for i in range(n_layer):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.attn_qkv.weight", layer(3 * n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", layer(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", layer(2 * n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", layer(n_embd, n_ff))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones(n_embd))
+        writer.add_tensor(f"blk.{i}.attn_qkv.weight", weights(3 * n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weights(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones(n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(2 * n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(n_embd, n_ff))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -156,3 +172,21 @@ def tokenizer_json(specials: dict[str, int] = SPECIAL_TOKENS) -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def hostile_ggufs(model: bytes) -> dict[str, bytes]:
+    """Files that start like a GGUF and then lie: each must be refused without a crash, hang or huge allocation."""
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value)) + value.encode()
+
+    header = b"GGUF" + struct.pack("<I", 3)
+    return {
+        "huge-string.gguf": header + struct.pack("<QQ", 0, 1) + text("general.architecture")
+        + struct.pack("<IQ", 8, 2**62) + b"phi3",  # a string that claims 4 EiB
+        "huge-array.gguf": header + struct.pack("<QQ", 0, 1) + text("tokenizer.ggml.tokens")
+        + struct.pack("<IIQ", 9, 8, 2**61) + text("a"),  # an array of 2**61 strings
+        "huge-counts.gguf": header + struct.pack("<QQ", 2**60, 2**60),  # 2**60 tensors and keys
+        "truncated.gguf": model[: len(model) // 2],  # a download cut in half
+        "wrong-magic.gguf": b"GGML" + model[4:],
+    }

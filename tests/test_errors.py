@@ -1,7 +1,6 @@
 """Every expected failure is one `error:` line naming the cause and the fix, and a non-zero exit."""
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import CRAFTED, SCRIPT, console, crafted
+from conftest import CRAFTED, SCRIPT, console, crafted, environment_for
 
 
 def one_error_line(result, code: int = 1) -> str:
@@ -123,8 +122,7 @@ def test_a_tokenizer_that_is_not_json_is_refused(hub, warm_home):
 
 def stream_then_signal(hub, home, signum: int) -> tuple[int, bytes, str]:
     """Start a long reply, wait until text is streaming, then send a signal."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HOME=str(home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    env = environment_for(hub, home)
     args = crafted(sample_len=4000)
     process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -152,8 +150,7 @@ def test_sigterm_while_streaming_exits_143(hub, warm_home):
 
 def test_a_closed_stdout_ends_quietly(hub, warm_home):
     command = f"{sys.executable} {SCRIPT} {shlex.join(crafted(sample_len=3000))} | head -c 20; exit ${{PIPESTATUS[0]}}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HOME=str(warm_home), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    env = environment_for(hub, warm_home)
     result = subprocess.run(["bash", "-c", command], capture_output=True, env=env, timeout=60)
     assert result.stdout == b"puck puck puck puck "
     assert result.returncode == 0

@@ -1,0 +1,247 @@
+"""Benchmark: phi_console.py against llama.cpp's own llama-bench and the usual llama-cpp-python snippet.
+
+    python tests/benchmark.py
+
+Everything is measured in one run on this machine, with the same number of threads, as medians:
+
+- the model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with random weights,
+  quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
+- llama-bench is built with CMake from the sdist of the installed llama-cpp-python (same llama.cpp source,
+  same compile flags as requirements.txt's build), and its best configuration (`--repack`, `-fa`) counts;
+- phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
+  once into the benchmark's HF_HOME, and every measured run starts from that cache.
+
+The first run spends a few minutes writing and quantizing the model and building llama-bench; both are
+kept in ~/.cache/phi-console-bench (or $PHI_BENCH_CACHE) for later runs.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_hub import Hub  # noqa: E402
+from phi3_models import quantize_q4_k_m, tokenizer_json, write_gguf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "phi_console.py"
+CACHE = Path(os.environ.get("PHI_BENCH_CACHE", Path.home() / ".cache" / "phi-console-bench"))
+MODEL_REPO, MODEL_FILE = "bench/phi3-mini-random", "phi3-mini-random-Q4_K_M.gguf"
+TOKENIZER_REPO = "bench/phi3-tokenizer"
+THREADS = len(os.sched_getaffinity(0))  # one per core here (no SMT); the script's own default
+GEN_TOKENS, PROMPT_TOKENS, RUNS = 128, 512, 3
+BUILD_FLAGS = ["-DCMAKE_C_FLAGS=-U__AMX_INT8__", "-DCMAKE_CXX_FLAGS=-U__AMX_INT8__"]  # as requirements.txt
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_model() -> Path:
+    target = CACHE / MODEL_FILE
+    if not target.exists():
+        log("writing a Phi-3-mini-shaped F16 model with random weights (about 7.6 GB, once)...")
+        f16 = write_gguf(CACHE / "phi3-mini-random-F16.gguf", logits={}, n_embd=3072, n_ff=8192, n_layer=32,
+                         n_head=32, random_weights=True, dtype=np.float16)
+        log("quantizing it to Q4_K_M with llama.cpp (a few minutes, once)...")
+        quantize_q4_k_m(f16, CACHE / "partial.gguf").rename(target)
+        f16.unlink()
+    return target
+
+
+def llama_bench() -> Path:
+    version = importlib.metadata.version("llama-cpp-python")
+    build = CACHE / f"llama-bench-{version}"
+    exe = build / "bin" / "llama-bench"
+    if exe.exists():
+        return exe
+    log(f"building llama-bench from the llama-cpp-python {version} sdist (a few minutes, once)...")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={version}", "-d", str(CACHE / "src")], check=True)
+    source = CACHE / "src" / f"llama_cpp_python-{version}"
+    if not source.exists():
+        with tarfile.open(CACHE / "src" / f"llama_cpp_python-{version}.tar.gz") as archive:
+            archive.extractall(CACHE / "src")
+    with open(CACHE / "llama-bench-build.log", "w") as build_log:  # compiler chatter stays out of the report
+        subprocess.run(["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build),
+                        "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", *BUILD_FLAGS],
+                       check=True, stdout=build_log, stderr=build_log)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", f"-j{os.cpu_count()}"],
+                       check=True, stdout=build_log, stderr=build_log)
+    return exe
+
+
+def read_bandwidth() -> float:
+    """Streaming read bandwidth in bytes/s: every core summing its share of a 2 GiB array, best of 5."""
+    data = np.ones(2**28, dtype=np.float64)
+    parts = np.array_split(data, THREADS)
+    best = 0.0
+    for _ in range(5):
+        threads = [threading.Thread(target=np.sum, args=(part,)) for part in parts]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, data.nbytes / (time.perf_counter() - started))
+    return best
+
+
+def bytes_per_token(model: Path) -> int:
+    """What one generated token reads: every weight except the embedding table (one row of it is used)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(model).tensors if t.name != "token_embd.weight")
+
+
+def run_llama_bench(exe: Path, model: Path, *args: str) -> list[dict]:
+    result = subprocess.run([str(exe), "-m", str(model), "-t", str(THREADS), "-r", str(RUNS), "-o", "json", *args],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({result.returncode}): {result.stderr[-2000:]}")
+    return json.loads(result.stdout)
+
+
+def best(results: list[dict]) -> dict:
+    for r in results:
+        r["median_ts"] = statistics.median(r["samples_ts"])
+    return max(results, key=lambda r: r["median_ts"])
+
+
+def run_measured(command: list[str], env: dict[str, str]) -> tuple[str, str, int]:
+    """Run a command; return its stdout, its stderr and its own peak RSS in bytes."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                               stdin=subprocess.DEVNULL, text=True)
+    streams: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda n=name, f=stream: streams.__setitem__(n, f.read()))
+               for name, stream in (("out", process.stdout), ("err", process.stderr))]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    _, status, usage = os.wait4(process.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"exit {code}: {streams['err'][-1500:]}")
+    return streams["out"], streams["err"], usage.ru_maxrss * 1024
+
+
+SNIPPET = r"""
+import json, sys, time, llama_cpp
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=4096, verbose=False)  # everything else: the library's defaults
+started = time.perf_counter()
+stamps = [time.perf_counter() for _ in llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), stream=True)]
+tokens = llama_cpp.llama_perf_context(llm._ctx.ctx).n_eval + 1
+print(json.dumps({"first": stamps[0] - started, "rate": (tokens - 1) / (stamps[-1] - stamps[0]), "tokens": tokens}))
+"""
+
+
+def main() -> None:
+    import llama_cpp
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model = bench_model()
+    exe = llama_bench()
+    home = CACHE / "hf_home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
+    hub = Hub()
+    if not (home / "hub").exists():
+        log("serving the model through the local hub once, so the script downloads it for real...")
+        hub.add(MODEL_REPO, {MODEL_FILE: model.read_bytes()})
+    hub.add(TOKENIZER_REPO, {"tokenizer.json": tokenizer_json()})
+    hub.start()
+    env["HF_ENDPOINT"] = hub.url
+    prompt = " ".join(["hello world"] * 245)  # about 500 tokens with the chat format
+    script = [sys.executable, str(SCRIPT), "--model-repo", MODEL_REPO, "--model-file", MODEL_FILE,
+              "--tokenizer-repo", TOKENIZER_REPO, "--temperature", "0", "--repeat-penalty", "1",
+              "--sample-len", str(GEN_TOKENS), "--threads", str(THREADS), "--prompt", prompt]
+    run_measured(script, env)  # downloads if needed, and warms the page cache
+    hub.stop()
+
+    log("measuring bandwidth...")
+    bandwidth = read_bandwidth()
+    log("llama-bench: generation...")
+    tg = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", "0,1", "-fa", "0,1"))
+    log("llama-bench: prompt evaluation...")
+    pp = best(run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "--repack", "0,1", "-fa", "0,1"))
+
+    log("phi_console.py...")
+    runs = []
+    for _ in range(RUNS):
+        _, err, peak = run_measured(script, env)
+        report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, ([\d.]+) tok/s \| generated: (\d+) tokens, "
+                           r"([\d.]+) tok/s", err)
+        if not report:
+            raise RuntimeError(f"no report in: {err[-500:]}")
+        load, n_prompt, pp_rate, n_gen, tg_rate = (float(x) for x in report.groups())
+        runs.append(dict(load=load, n_prompt=n_prompt, pp=pp_rate, n_gen=n_gen, tg=tg_rate, peak=peak))
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+    log("the llama-cpp-python snippet (library defaults)...")
+    formatted = f"<|user|>\n{prompt}<|end|>\n<|assistant|>"
+    snippets = []
+    for _ in range(2):
+        try:
+            out, _, _ = run_measured([sys.executable, "-c", SNIPPET, str(model), formatted, str(GEN_TOKENS)], env)
+            snippets.append(json.loads(out))
+        except RuntimeError as error:
+            snippets.append({"error": str(error).splitlines()[0]})
+    ok = [s for s in snippets if "rate" in s]
+    snippet_rate = statistics.median(s["rate"] for s in ok) if ok else None
+    snippet_first = statistics.median(s["first"] for s in ok) if ok else None
+
+    size = model.stat().st_size
+    per_token = bytes_per_token(model)
+    ceiling = bandwidth / per_token
+    overhead_ms = (1 / med["tg"] - 1 / tg["median_ts"]) * 1000
+    first_token = med["load"] + med["n_prompt"] / med["pp"]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    system = llama_cpp.llama_print_system_info().decode()
+
+    def config(r: dict) -> str:
+        return f"repack {int(r['repack'])}, fa {r['flash_attn']}, b {r['n_batch']}, ub {r['n_ubatch']}"
+
+    rows = [
+        ("generation, 128 tokens (tok/s)", f"{med['tg']:.2f}", f"{tg['median_ts']:.2f} ({config(tg)})",
+         f"{med['tg'] / tg['median_ts']:.3f}"),
+        (f"prompt evaluation, {int(med['n_prompt'])} / {PROMPT_TOKENS} tokens (tok/s)", f"{med['pp']:.1f}",
+         f"{pp['median_ts']:.1f} ({config(pp)})", f"{med['pp'] / pp['median_ts']:.3f}"),
+        ("time to first token: load + prompt (s)", f"{med['load']:.2f} + {med['n_prompt'] / med['pp']:.2f} = "
+         f"{first_token:.2f}", "", ""),
+        ("peak RSS vs model file", f"{med['peak'] / 2**30:.2f} GiB", f"file {size / 2**30:.2f} GiB",
+         f"{med['peak'] / size:.2f}x"),
+        ("snippet: generation (tok/s)", f"{med['tg']:.2f}",
+         f"{snippet_rate:.2f}" if snippet_rate else f"failed: {snippets[0].get('error')}",
+         f"{med['tg'] / snippet_rate:.2f}x" if snippet_rate else ""),
+        ("snippet: time to first token (s)", f"{first_token:.2f}", f"{snippet_first:.2f}" if snippet_first else "", ""),
+        ("Python overhead per token (ms)", f"{overhead_ms:.2f}", "", ""),
+        ("bandwidth ceiling (tok/s)", f"{med['tg']:.2f}",
+         f"{ceiling:.2f} = {bandwidth / 1e9:.1f} GB/s / {per_token / 1e9:.2f} GB", f"{med['tg'] / ceiling:.2f}"),
+    ]
+    print(f"phi-console benchmark, {time.strftime('%Y-%m-%d')}: {cpu}, {THREADS} threads, "
+          f"{os.cpu_count()} logical CPUs, llama-cpp-python {importlib.metadata.version('llama-cpp-python')}")
+    print(f"llama.cpp features: {system.strip()}")
+    print(f"model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape; medians of {RUNS} runs\n")
+    print("| measure | phi_console.py | reference | ratio |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nsnippet runs: {snippets}")
+
+
+if __name__ == "__main__":
+    main()
