@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -59,7 +60,8 @@ SAMPLE_LEN = 100  # >= 1; the most tokens to generate
 SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
 N_THREADS = None  # >= 1 CPU threads; None = the number of physical cores
 N_GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
-N_CTX = 4096  # >= 1 tokens of context (prompt + reply); at most the model's own 4096
+N_CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
+CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
 
 TOKENIZER_FILE = "tokenizer.json"  # the file in TOKENIZER_REPO that lists Phi-3's special tokens
 TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is 1.9 MB; a bigger file is refused rather than parsed into memory
@@ -109,36 +111,55 @@ def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
     add("--model-file", metavar="FILE", default=MODEL_FILE, help="GGUF file in that repo (default: %(default)s)")
     add("--revision", metavar="REV", default=MODEL_REVISION, help="branch, tag or commit of the model repo (default: %(default)s)")
     add("--tokenizer-repo", metavar="REPO", default=TOKENIZER_REPO, help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
+    add("--chat", action=argparse.BooleanOptionalAction, default=CHAT,
+        help="talk back and forth at a '>>> ' prompt; /help lists its commands (default: %(default)s)")
     add("-q", "--quiet", action="store_true", help="stderr shows errors only")
     add("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
     return parser.parse_args(argv)
 
 
+def is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_integer(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_text(v: object) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+RULES = {  # every setting: what its value must be (the chat's /set uses the sampling ones)
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: v is None or (is_number(v) and 0 < v <= 1), "a number in (0, 1], or none"),
+    "repeat_penalty": (lambda v: is_number(v) and v > 0, "a number > 0 (1.0 = off)"),
+    "repeat_last_n": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
+    "sample_len": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: v is None or (is_integer(v) and 0 <= v <= MAX_SEED), f"an integer in 0..{MAX_SEED}, or none"),
+    "threads": (lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1"),
+    "gpu_layers": (lambda v: v is None or (is_integer(v) and v >= -1), "an integer >= 0, or -1 for all"),
+    "ctx": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+    "model_repo": (is_text, "a non-empty string"),
+    "model_file": (is_text, "a non-empty string"),
+    "revision": (is_text, "a non-empty string"),
+    "tokenizer_repo": (is_text, "a non-empty string"),
+    "chat": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def problem(name: str, value: object) -> Optional[str]:
+    """What is wrong with a setting's value, or None if nothing is."""
+    ok, want = RULES[name]
+    return None if ok(value) else f"{name.replace('_', '-')} must be {want} (got {value!r})"
+
+
 def check_settings(s: argparse.Namespace) -> None:
     """Refuse bad values, also ones typed into the constants above, instead of clamping them."""
-
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def integer(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    rules = [
-        ("temperature", s.temperature, lambda v: number(v) and v >= 0, "a number >= 0"),
-        ("top-p", s.top_p, lambda v: v is None or (number(v) and 0 < v <= 1), "a number in (0, 1]"),
-        ("repeat-penalty", s.repeat_penalty, lambda v: number(v) and v > 0, "a number > 0 (1.0 = off)"),
-        ("repeat-last-n", s.repeat_last_n, lambda v: integer(v) and v >= 0, "an integer >= 0"),
-        ("sample-len", s.sample_len, lambda v: integer(v) and v >= 1, "an integer >= 1"),
-        ("seed", s.seed, lambda v: v is None or (integer(v) and 0 <= v <= MAX_SEED), f"an integer in 0..{MAX_SEED}"),
-        ("threads", s.threads, lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1"),
-        ("gpu-layers", s.gpu_layers, lambda v: v is None or (integer(v) and v >= -1), "an integer >= 0, or -1 for all"),
-        ("ctx", s.ctx, lambda v: integer(v) and v >= 1, "an integer >= 1"),
-    ]
-    rules += [(name, getattr(s, name.replace("-", "_")), lambda v: isinstance(v, str) and v.strip() != "",
-               "a non-empty string") for name in ("model-repo", "model-file", "revision", "tokenizer-repo")]
-    for flag, value, ok, want in rules:
-        if not ok(value):
-            fail(f"--{flag} must be {want} (got {value!r})", code=2)
+    for name in RULES:
+        wrong = problem(name, getattr(s, name))
+        if wrong:
+            fail(f"--{wrong}", code=2)
 
 
 def read_prompt(prompt: Optional[str], *, default: str) -> str:
@@ -314,14 +335,19 @@ def route_llama_log(*, verbose: bool) -> list[str]:
 def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -> "llama_cpp.llama_model_p":
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
-    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP  # pages load on demand and stay in the OS cache
     if gpu_layers is None:
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
     params.n_gpu_layers = gpu_layers
-    # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M): when the build includes it,
-    # keep the weights in plain CPU buffers, which never reach that kernel.
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M). Without extra buffer types the
+        # weights never reach it; they are used in place from the mapped file, but lose the faster repacked
+        # layout (about a quarter slower generation; requirements.txt builds without AMX instead).
         params.use_extra_bufts = False
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+    else:
+        # The CPU weights get repacked into a faster layout, that is, copied: reading the file instead of
+        # mapping it keeps memory at one copy (mapped pages would stay resident too), at the same speed.
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
     model = llama_cpp.llama_model_load_from_file(path.encode(), params)
     if not model:
         reason = log_errors[0].split(": ", 1)[-1] if log_errors else "llama.cpp could not read it"
@@ -329,8 +355,11 @@ def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -
     return model
 
 
-def check_vocab(model: "llama_cpp.llama_model_p", specials: dict[str, int]) -> None:
-    """tokenizer.json and the GGUF must agree on the chat tokens' ids, or replies would never stop."""
+def check_model(model: "llama_cpp.llama_model_p", specials: dict[str, int], *, n_ctx: int) -> None:
+    """The model must fit the settings, and agree with tokenizer.json on the chat tokens' ids."""
+    trained = llama_cpp.llama_model_n_ctx_train(model)
+    if n_ctx > trained:
+        fail(f"--ctx {n_ctx} is larger than the model's context of {trained} tokens", code=2)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     for name in CHAT_TOKENS:
@@ -341,11 +370,12 @@ def check_vocab(model: "llama_cpp.llama_model_p", specials: dict[str, int]) -> N
                  "the model and tokenizer files do not belong together")
 
 
-def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, batch: int) -> "llama_cpp.llama_context_p":
-    trained = llama_cpp.llama_model_n_ctx_train(model)
-    if n_ctx > trained:
-        fail(f"--ctx {n_ctx} is larger than the model's context of {trained} tokens", code=2)
+def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, batch: int,
+                gpu: bool) -> "llama_cpp.llama_context_p":
     params = llama_cpp.llama_context_default_params()
+    # On the CPU, flash attention slows generation as the context fills (5.3 -> 3.1 tok/s at 500 tokens in
+    # the benchmark) and gains ~2% on prompts; on a GPU, llama.cpp's own choice stands.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = min(n_ctx, batch)
     params.n_threads = params.n_threads_batch = threads
@@ -419,8 +449,8 @@ def token_bytes(vocab: "llama_cpp.llama_vocab_p", token: int, *, first: bool) ->
 
 
 def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "llama_cpp.llama_sampler_p",
-             stop_ids: set[int], hidden_ids: set[int], sample_len: int) -> Iterator[str]:
-    """Yield the text each sampled token adds: one item per token, "" while a character is incomplete."""
+             stop_ids: set[int], hidden_ids: set[int], sample_len: int) -> Iterator[tuple[int, str]]:
+    """Evaluate the prompt, then yield each sampled token with the text it adds ("" mid-character)."""
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
     for token in prompt:  # the repeat penalty looks at the prompt too
         llama_cpp.llama_sampler_accept(sampler, token)
@@ -432,12 +462,183 @@ def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "l
         stop = token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token)
         last = stop or index == sample_len - 1
         data = b"" if stop or token in hidden_ids else token_bytes(vocab, token, first=index == 0)
-        yield utf8.decode(data, final=last)
+        yield token, utf8.decode(data, final=last)
         if last:
             return
         one[0] = token
         if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
             fail("llama.cpp failed to evaluate a token")
+
+
+def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float]) -> None:
+    """Print the reply as it comes, ending the line even when interrupted; note each token and its time."""
+    out = sys.stdout.buffer
+    try:
+        for token, text in pieces:
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+            if text:
+                out.write(text.encode("utf-8"))
+                out.flush()
+    finally:
+        out.write(b"\n")
+        out.flush()
+
+
+def speed(count: int, seconds: float) -> str:
+    return f"{count / seconds:.1f} tok/s" if count > 0 and seconds > 0 else "n/a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat: a conversation whose history stays in the KV cache, so each turn evaluates only its new tokens
+# ---------------------------------------------------------------------------------------------
+CHAT_HELP = """commands:
+  /set NAME VALUE   change a sampling setting: temperature, top_p, repeat_penalty, repeat_last_n,
+                    sample_len or seed (top_p and seed also take 'none')
+  /show             the current settings
+  /reset            forget the conversation
+  /stats            speed of the last reply
+  /help             this list
+  /bye              leave (so does Ctrl-D); Ctrl-C stops a reply"""
+SAMPLING = ("temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
+
+
+def parse_setting(name: str, text: str) -> object:
+    """A /set value as the type its setting takes; 'none' turns top_p off or picks a random seed."""
+    if text.lower() in ("none", "off"):
+        return None
+    return int(text) if name in ("repeat_last_n", "sample_len", "seed") else float(text)
+
+
+def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, int], sampling: dict[str, object],
+         quiet: bool) -> int:
+    """Talk at `>>> ` until /bye or end of input; replies go to stdout, everything else to stderr."""
+    model = llama_cpp.llama_get_model(ctx)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    memory = llama_cpp.llama_get_memory(ctx)
+    end, newline = specials["<|end|>"], tokenize(vocab, "\n", add_bos=False)
+    bos = tokenize(vocab, "", add_bos=True)
+    stop_ids = {specials[name] for name in STOP_TOKENS}
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    history: list[int] = []  # the tokens in the KV cache: position i holds history[i]
+    turns: list[int] = []  # where each exchange starts in history
+    pending: list[int] = []  # the end of the last reply, said but not yet in the cache
+    last_stats = "no reply yet"
+
+    def new_sampler() -> "llama_cpp.llama_sampler_p":
+        seed = sampling["seed"] if sampling["seed"] is not None else random.SystemRandom().randint(0, MAX_SEED)
+        sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
+                               **{k: sampling[k] for k in SAMPLING if k not in ("sample_len", "seed")})
+        for token in history[-sampling["repeat_last_n"]:] if sampling["repeat_last_n"] else []:
+            llama_cpp.llama_sampler_accept(sampler, token)  # the penalty window carries on
+        return sampler
+
+    sampler = new_sampler()
+    note("chatting with the model: /help lists commands, /bye or Ctrl-D leaves", quiet=quiet)
+    while True:
+        try:
+            line = input(">>> " if interactive else "").strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                command, *args = line.split()
+                if command == "/bye":
+                    return 0
+                elif command == "/help":
+                    sys.stderr.write(CHAT_HELP + "\n")
+                elif command == "/show":
+                    sys.stderr.write("".join(f"{k} = {sampling[k]}\n" for k in SAMPLING)
+                                     + f"context: {len(history)} of {n_ctx} tokens used\n")
+                elif command == "/stats":
+                    sys.stderr.write(last_stats + "\n")
+                elif command == "/reset":
+                    with uninterrupted():
+                        llama_cpp.llama_memory_clear(memory, True)
+                        history, turns, pending = [], [], []
+                        sampler = new_sampler()
+                    sys.stderr.write("the conversation is forgotten\n")
+                elif command == "/set" and len(args) == 2 and args[0].replace("-", "_") in SAMPLING:
+                    name = args[0].replace("-", "_")
+                    try:
+                        value = parse_setting(name, args[1])
+                    except ValueError:
+                        value = args[1]
+                    wrong = problem(name, value)
+                    if wrong:
+                        sys.stderr.write(f"error: {wrong}\n")
+                        continue
+                    sampling[name] = value
+                    sampler = new_sampler()
+                    sys.stderr.write(f"{name} = {value}\n")
+                else:
+                    sys.stderr.write(f"error: unknown command or wrong arguments: {line!r}; /help lists the commands\n")
+                continue
+
+            message = [specials["<|user|>"], *tokenize(vocab, "\n" + line, add_bos=False), end, *newline,
+                       specials["<|assistant|>"]]
+            if len(bos) + len(message) >= n_ctx:
+                sys.stderr.write(f"error: that message is {len(message)} tokens and the context holds {n_ctx}; "
+                                 "send a shorter one (or start with a larger --ctx)\n")
+                continue
+            dropped = 0
+            with uninterrupted():
+                while turns and len(history) + len(pending) + len(message) + sampling["sample_len"] > n_ctx:
+                    start, stop = turns[0], turns[1] if len(turns) > 1 else len(history)
+                    llama_cpp.llama_memory_seq_rm(memory, 0, start, stop)  # forget the oldest exchange ...
+                    llama_cpp.llama_memory_seq_add(memory, 0, stop, -1, start - stop)  # ... and slide the rest down
+                    history = history[:start] + history[stop:]
+                    turns = [t - (stop - start) for t in turns[1:]]
+                    pending = pending if turns else []  # the end of a forgotten reply goes with it
+                    dropped += 1
+            if dropped:
+                note(f"note: forgot the oldest {dropped} exchange(s) to make room in the {n_ctx}-token context",
+                     quiet=quiet)
+            prompt = (bos if not history else []) + pending + message
+            room = min(sampling["sample_len"], n_ctx - len(history) - len(prompt) + 1)
+            before = llama_cpp.llama_perf_context(ctx).n_p_eval
+            asked = time.perf_counter()
+            sampled: list[int] = []
+            stamps: list[float] = []
+            try:
+                show(generate(ctx, prompt=prompt, sampler=sampler, stop_ids=stop_ids,
+                              hidden_ids=set(specials.values()), sample_len=room), tokens=sampled, stamps=stamps)
+            except KeyboardInterrupt:
+                note("(stopped)", quiet=quiet)
+            with uninterrupted():
+                # What was said stays said: the cache keeps what it evaluated, the rest goes in with the next turn.
+                turns.append(len(history) + len(prompt) - len(message))
+                everything = history + prompt + sampled
+                kept = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
+                history = everything[:kept]
+                pending = [t for t in everything[kept:] if t not in stop_ids] + [end, *newline]
+            evaluated = llama_cpp.llama_perf_context(ctx).n_p_eval - before
+            first = stamps[0] - asked if stamps else 0.0
+            last_stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after {first:.2f} s | "
+                          f"{len(sampled)} tokens, "
+                          f"{speed(len(sampled) - 1, stamps[-1] - stamps[0] if stamps else 0)} | "
+                          f"context {len(history)} of {n_ctx} tokens")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            sys.stderr.write("\n(to leave, type /bye or press Ctrl-D)\n")
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C back while the conversation's record changes, so it always agrees with the cache."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +647,7 @@ def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "l
 def main(argv: Optional[list[str]] = None) -> int:
     settings = parse_settings(argv)
     check_settings(settings)
-    prompt = read_prompt(settings.prompt, default=PROMPT)
+    prompt = None if settings.chat else read_prompt(settings.prompt, default=PROMPT)
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     if quiet:
         disable_progress_bars()
@@ -465,10 +666,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     log_errors = route_llama_log(verbose=verbose)
     model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=log_errors)
-    check_vocab(model, specials)
-    ctx = new_context(model, n_ctx=settings.ctx, threads=threads, batch=BATCH)
+    check_model(model, specials, n_ctx=settings.ctx)
     vocab = llama_cpp.llama_model_get_vocab(model)
-    loaded = time.perf_counter()
+    gpu = llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0
+    if settings.chat:
+        ctx = new_context(model, n_ctx=settings.ctx, threads=threads, batch=BATCH, gpu=gpu)
+        return chat(ctx, n_ctx=settings.ctx, specials=specials, quiet=quiet,
+                    sampling={name: getattr(settings, name) for name in SAMPLING})
 
     tokens = chat_prompt(vocab, prompt, specials)
     if len(tokens) >= settings.ctx:
@@ -477,33 +681,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     sample_len = min(settings.sample_len, settings.ctx - len(tokens) + 1)
     if sample_len < settings.sample_len:
         note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
+    # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
+    ctx = new_context(model, n_ctx=min(settings.ctx, len(tokens) + sample_len), threads=threads, batch=BATCH,
+                      gpu=gpu)
+    loaded = time.perf_counter()
     sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), temperature=settings.temperature,
                            top_p=settings.top_p, repeat_penalty=settings.repeat_penalty,
                            repeat_last_n=settings.repeat_last_n, seed=seed)
-    stop_ids = {specials[name] for name in STOP_TOKENS}
-    pieces = generate(ctx, prompt=tokens, sampler=sampler, stop_ids=stop_ids,
-                      hidden_ids=set(specials.values()), sample_len=sample_len)
-
-    out = sys.stdout.buffer
-    generated, first_token_at = 0, None
-    try:
-        for text in pieces:
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            generated += 1
-            if text:
-                out.write(text.encode("utf-8"))
-                out.flush()
-    finally:  # Ctrl-C or SIGTERM still ends the line
-        out.write(b"\n")
-        out.flush()
-    finished = time.perf_counter()
-
-    prompt_s = (first_token_at or finished) - loaded
-    reply_s = finished - (first_token_at or finished)
-    rate = f"{(generated - 1) / reply_s:.1f} tok/s" if generated > 1 and reply_s > 0 else "n/a"
-    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {len(tokens) / prompt_s:.1f} tok/s"
-         f" | generated: {generated} tokens, {rate} | seed {seed}", quiet=quiet)
+    reply: list[int] = []
+    stamps: list[float] = []
+    show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
+                  hidden_ids=set(specials.values()), sample_len=sample_len), tokens=reply, stamps=stamps)
+    first = stamps[0] if stamps else time.perf_counter()
+    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {speed(len(tokens), first - loaded)}"
+         f" | generated: {len(reply)} tokens, {speed(len(reply) - 1, stamps[-1] - first if stamps else 0)}"
+         f" | seed {seed}", quiet=quiet)
     return 0
 
 

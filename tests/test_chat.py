@@ -1,0 +1,170 @@
+"""--chat: a conversation at `>>> `, driven through a pipe and through a pseudo-terminal.
+
+With the crafted model every reply is "puck ..." unless the repeat penalty, whose window now spans the
+whole conversation, turns a word into "goal".
+"""
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import sys
+import time
+
+from conftest import SCRIPT, console, crafted, environment_for
+
+
+def chat(hub, home, lines: list[str], **settings):
+    """Pipe some lines into --chat; return the result (replies on stdout, the rest on stderr)."""
+    chosen = {"sample_len": 3, **settings}
+    return console(*crafted(prompt=None, **chosen), "--chat", hub=hub, home=home,
+                   stdin="".join(line + "\n" for line in lines).encode())
+
+
+def evaluated(stats_line: str) -> int:
+    return int(re.search(r"(\d+) prompt tokens evaluated", stats_line).group(1))
+
+
+def test_each_message_gets_a_reply_on_stdout(hub, warm_home):
+    result = chat(hub, warm_home, ["hello", "say something"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"puck puck puck\npuck puck puck\n"
+
+
+def test_later_turns_evaluate_only_their_own_tokens(hub, warm_home):
+    # Read from llama.cpp's performance counters: a long first message must not be evaluated again.
+    short = chat(hub, warm_home, ["hello", "/stats", "say something", "/stats"])
+    long = chat(hub, warm_home, ["hello world " * 150, "/stats", "say something", "/stats"])
+    for result in (short, long):
+        assert result.returncode == 0, result.stderr
+    short_stats = [line for line in short.stderr.splitlines() if line.startswith("last reply")]
+    long_stats = [line for line in long.stderr.splitlines() if line.startswith("last reply")]
+    assert evaluated(long_stats[0]) > 300  # the long first message itself
+    assert evaluated(long_stats[1]) == evaluated(short_stats[1]) < 20  # the second turn costs the same
+
+
+def test_set_changes_sampling_mid_conversation(hub, warm_home):
+    # "puck" said in the first reply is inside the penalty window when the second reply starts.
+    result = chat(hub, warm_home, ["hello", "/set repeat_penalty 1.5", "say something"])
+    assert result.stdout == b"puck puck puck\ngoal puck puck\n"
+    assert "repeat_penalty = 1.5" in result.stderr
+
+
+def test_set_refuses_a_bad_value_and_the_conversation_goes_on(hub, warm_home):
+    result = chat(hub, warm_home, ["/set temperature -3", "/set top_p 7", "/set bogus 1", "/set seed x", "hello"])
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4 and "temperature must be" in errors[0] and "top-p must be" in errors[1]
+    assert result.stdout == b"puck puck puck\n"
+
+
+def test_show_help_and_unknown_commands(hub, warm_home):
+    result = chat(hub, warm_home, ["/show", "/help", "/nonsense"], temperature=0.5, seed=4)
+    assert result.returncode == 0
+    assert "temperature = 0.5" in result.stderr and "seed = 4" in result.stderr
+    assert "/reset" in result.stderr and "/bye" in result.stderr
+    assert "error: unknown command" in result.stderr
+    assert result.stdout == b""
+
+
+def test_reset_forgets_the_conversation(hub, warm_home):
+    result = chat(hub, warm_home, ["hello", "/reset", "hello"], repeat_penalty=1.5)
+    # Without /reset the second reply would start with "goal": "puck" would still be in the window.
+    assert result.stdout == b"puck goal puck\npuck goal puck\n"
+
+
+def test_bye_leaves_and_ignores_the_rest(hub, warm_home):
+    result = chat(hub, warm_home, ["hello", "/bye", "never answered"])
+    assert result.returncode == 0
+    assert result.stdout == b"puck puck puck\n"
+
+
+def test_a_long_conversation_forgets_its_oldest_turns_and_goes_on(hub, warm_home):
+    messages = [f"hello world number {i}" for i in range(30)]
+    result = console(*crafted(prompt=None, sample_len=8), "--chat", "--ctx", "128", hub=hub, home=warm_home,
+                     stdin="".join(m + "\n" for m in messages).encode())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"puck puck puck puck puck puck puck puck\n" * 30
+    assert "forgot the oldest" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(hub, warm_home):
+    result = console(*crafted(prompt=None, sample_len=2), "--chat", "--ctx", "64", hub=hub, home=warm_home,
+                     stdin=("hello world " * 60 + "\nhello\n").encode())
+    assert result.returncode == 0, result.stderr
+    assert "error: that message is" in result.stderr
+    assert result.stdout == b"puck puck\n"
+
+
+def test_the_chat_constant_turns_chat_on(hub, warm_home, tmp_path):
+    source = SCRIPT.read_text().replace("\nCHAT = False", "\nCHAT = True", 1)
+    (tmp_path / "phi_console.py").write_text(source)
+    result = console(*crafted(prompt=None, sample_len=2), hub=hub, home=warm_home, stdin=b"hello\nhi\n",
+                     script=tmp_path / "phi_console.py")
+    assert result.stdout == b"puck puck\npuck puck\n"
+
+
+class Terminal:
+    """The script in a pseudo-terminal, as a person at a console runs it."""
+
+    def __init__(self, hub, home, *args: str):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: exec the script with the terminal as its controlling tty
+            os.execve(sys.executable, [sys.executable, str(SCRIPT), *args], environment_for(hub, home))
+        self.seen = b""
+        self.cursor = 0
+
+    def read_until(self, marker: bytes, timeout: float = 60) -> bytes:
+        """What the terminal shows from where the last read stopped up to and including `marker`."""
+        deadline = time.monotonic() + timeout
+        while (found := self.seen.find(marker, self.cursor)) < 0:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {marker!r} on the terminal; last output: {self.seen[-400:]!r}")
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the terminal closed before {marker!r}: {self.seen[-400:]!r}")
+            self.seen += chunk
+        shown, self.cursor = self.seen[self.cursor : found + len(marker)], found + len(marker)
+        return shown
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+    def exit_code(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_at_a_terminal_ctrl_c_stops_a_reply_and_keeps_the_conversation(hub, warm_home):
+    term = Terminal(hub, warm_home, *crafted(prompt=None, sample_len=3000), "--chat")
+    term.read_until(b">>> ")
+    term.type(b"hello\r")
+    said = term.read_until(b"puck puck puck")
+    term.type(b"\x03")  # Ctrl-C while the reply streams
+    said += term.read_until(b">>> ")
+    words = said.count(b"puck")
+    assert words < 3000  # stopped early
+    term.type(b"/show\r")
+    used = int(re.search(rb"context: (\d+) of", term.read_until(b"tokens used")).group(1))
+    # The 9-token prompt and every word said but the last one, which goes in with the next message.
+    assert used >= 9 + words - 1
+    term.read_until(b">>> ")
+    term.type(b"\x03")  # Ctrl-C at an empty prompt explains how to leave
+    assert b"/bye" in term.read_until(b">>> ")
+    term.type(b"\x04")  # Ctrl-D leaves
+    assert term.exit_code() == 0
+
+
+def test_at_a_terminal_the_prompt_is_shown_and_bye_leaves(hub, warm_home):
+    term = Terminal(hub, warm_home, *crafted(prompt=None, sample_len=2), "--chat")
+    term.read_until(b">>> ")
+    term.type(b"hello\r")
+    assert b"puck puck" in term.read_until(b">>> ")
+    term.type(b"/bye\r")
+    assert term.exit_code() == 0
