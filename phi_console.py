@@ -97,20 +97,31 @@ def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.error = lambda message: fail(f"{message} (see --help)", code=2)  # one line, not usage + error
     add = parser.add_argument
     # The prompt's default is filled in after parsing, so that a pipe can stand in for a missing -p.
-    add("-p", "--prompt", metavar="TEXT", help=f"your words; '-' reads stdin, as does a pipe when -p is absent (default: {PROMPT!r})")
-    add("--temperature", type=float, metavar="T", default=TEMPERATURE, help="0 = greedy, higher = more random (default: %(default)s)")
-    add("--top-p", type=float, metavar="P", default=TOP_P, help="nucleus sampling, 0 < p <= 1 (default: %(default)s = off)")
-    add("--repeat-penalty", type=float, metavar="X", default=REPEAT_PENALTY, help="1.0 = off, > 1 discourages repeats (default: %(default)s)")
-    add("--repeat-last-n", type=int, metavar="N", default=REPEAT_LAST_N, help="tokens the repeat penalty looks back over (default: %(default)s)")
+    add("-p", "--prompt", metavar="TEXT",
+        help=f"your words; '-' reads stdin, as does a pipe when -p is absent (default: {PROMPT!r})")
+    add("--temperature", type=float, metavar="T", default=TEMPERATURE,
+        help="0 = greedy, higher = more random (default: %(default)s)")
+    add("--top-p", type=float, metavar="P", default=TOP_P,
+        help="nucleus sampling, 0 < p <= 1 (default: %(default)s = off)")
+    add("--repeat-penalty", type=float, metavar="X", default=REPEAT_PENALTY,
+        help="1.0 = off, > 1 discourages repeats (default: %(default)s)")
+    add("--repeat-last-n", type=int, metavar="N", default=REPEAT_LAST_N,
+        help="tokens the repeat penalty looks back over (default: %(default)s)")
     add("--sample-len", type=int, metavar="N", default=SAMPLE_LEN, help="most tokens to generate (default: %(default)s)")
-    add("--seed", type=int, metavar="N", default=SEED, help=f"0..{MAX_SEED} repeats a run (default: %(default)s = random, printed at the end)")
+    add("--seed", type=int, metavar="N", default=SEED,
+        help=f"0..{MAX_SEED} repeats a run (default: %(default)s = random, printed at the end)")
     add("--threads", type=int, metavar="N", default=N_THREADS, help="CPU threads (default: %(default)s = physical cores)")
-    add("--gpu-layers", type=int, metavar="N", default=N_GPU_LAYERS, help="layers offloaded to a GPU (default: %(default)s = all, if the build can)")
-    add("--ctx", type=int, metavar="N", default=N_CTX, help="context size in tokens, prompt + reply (default: %(default)s)")
-    add("--model-repo", metavar="REPO", default=MODEL_REPO, help="Hugging Face repo of the GGUF weights (default: %(default)s)")
+    add("--gpu-layers", type=int, metavar="N", default=N_GPU_LAYERS,
+        help="layers offloaded to a GPU, -1 = all (default: %(default)s = all, if the build can)")
+    add("--ctx", type=int, metavar="N", default=N_CTX,
+        help="context size in tokens: prompt + reply, or the whole chat (default: %(default)s)")
+    add("--model-repo", metavar="REPO", default=MODEL_REPO,
+        help="Hugging Face repo of the GGUF weights (default: %(default)s)")
     add("--model-file", metavar="FILE", default=MODEL_FILE, help="GGUF file in that repo (default: %(default)s)")
-    add("--revision", metavar="REV", default=MODEL_REVISION, help="branch, tag or commit of the model repo (default: %(default)s)")
-    add("--tokenizer-repo", metavar="REPO", default=TOKENIZER_REPO, help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
+    add("--revision", metavar="REV", default=MODEL_REVISION,
+        help="branch, tag or commit of the model repo (default: %(default)s)")
+    add("--tokenizer-repo", metavar="REPO", default=TOKENIZER_REPO,
+        help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
     add("--chat", action=argparse.BooleanOptionalAction, default=CHAT,
         help="talk back and forth at a '>>> ' prompt; /help lists its commands (default: %(default)s)")
     add("-q", "--quiet", action="store_true", help="stderr shows errors only")
@@ -341,12 +352,13 @@ def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M). Without extra buffer types the
         # weights never reach it; they are used in place from the mapped file, but lose the faster repacked
-        # layout (about a quarter slower generation; requirements.txt builds without AMX instead).
+        # layout (about a quarter slower generation). requirements.txt builds llama.cpp without that kernel.
         params.use_extra_bufts = False
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
     else:
-        # The CPU weights get repacked into a faster layout, that is, copied: reading the file instead of
-        # mapping it keeps memory at one copy (mapped pages would stay resident too), at the same speed.
+        # Weights are read into memory rather than mapped: most get repacked (copied) into a faster layout
+        # anyway, so a mapping would keep a second copy resident (1.7x the file instead of 1.1x), and mapped
+        # pages that the OS evicts under memory pressure come back from disk in the middle of a reply.
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
     model = llama_cpp.llama_model_load_from_file(path.encode(), params)
     if not model:
@@ -486,7 +498,7 @@ def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[f
 
 
 def speed(count: int, seconds: float) -> str:
-    return f"{count / seconds:.1f} tok/s" if count > 0 and seconds > 0 else "n/a"
+    return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +704,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     stamps: list[float] = []
     show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
                   hidden_ids=set(specials.values()), sample_len=sample_len), tokens=reply, stamps=stamps)
+    if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
+        llama_cpp.llama_perf_context_print(ctx)
     first = stamps[0] if stamps else time.perf_counter()
     note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {speed(len(tokens), first - loaded)}"
          f" | generated: {len(reply)} tokens, {speed(len(reply) - 1, stamps[-1] - first if stamps else 0)}"

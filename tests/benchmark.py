@@ -149,6 +149,23 @@ print(json.dumps({"first": stamps[0] - started, "rate": (tokens - 1) / (stamps[-
 """
 
 
+def script_runs(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run phi_console.py RUNS times; medians of its own report (load, prompt and generation speed) and peak RSS."""
+    runs = []
+    for _ in range(RUNS):
+        _, err, peak = run_measured(command, env)
+        report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, ([\d.]+) tok/s \| generated: (\d+) "
+                           r"tokens, ([\d.]+|n/a)", err)
+        if not report:
+            raise RuntimeError(f"no report in: {err[-500:]}")
+        load, n_prompt, pp, n_gen, tg = (float(x) if x != "n/a" else 0.0 for x in report.groups())
+        # With --verbose, llama.cpp prints its own decode time per token: ours minus it is Python + sampling.
+        decode = re.search(r" eval time = +[\d.]+ ms / +\d+ runs +\( *([\d.]+) ms per token", err)
+        overhead = 1000 / tg - float(decode.group(1)) if decode and tg else float("nan")
+        runs.append(dict(load=load, n_prompt=n_prompt, pp=pp, n_gen=n_gen, tg=tg, peak=peak, overhead=overhead))
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main() -> None:
     import llama_cpp
 
@@ -165,34 +182,31 @@ def main() -> None:
     hub.add(TOKENIZER_REPO, {"tokenizer.json": tokenizer_json()})
     hub.start()
     env["HF_ENDPOINT"] = hub.url
-    prompt = " ".join(["hello world"] * 245)  # about 500 tokens with the chat format
-    script = [sys.executable, str(SCRIPT), "--model-repo", MODEL_REPO, "--model-file", MODEL_FILE,
-              "--tokenizer-repo", TOKENIZER_REPO, "--temperature", "0", "--repeat-penalty", "1",
-              "--sample-len", str(GEN_TOKENS), "--threads", str(THREADS), "--prompt", prompt]
-    run_measured(script, env)  # downloads if needed, and warms the page cache
+    long_prompt = " ".join(["hello world"] * 250)  # 510 tokens with the chat format
+
+    def script(prompt: str, sample_len: int) -> list[str]:
+        return [sys.executable, str(SCRIPT), "--model-repo", MODEL_REPO, "--model-file", MODEL_FILE,
+                "--tokenizer-repo", TOKENIZER_REPO, "--temperature", "0", "--repeat-penalty", "1",
+                "--threads", str(THREADS), "--sample-len", str(sample_len), "--prompt", prompt, "--verbose"]
+
+    run_measured(script("hello", 1), env)  # downloads if needed, and warms the page cache
     hub.stop()
 
     log("measuring bandwidth...")
     bandwidth = read_bandwidth()
-    log("llama-bench: generation...")
+    log("llama-bench: generation, every configuration...")
     tg = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", "0,1", "-fa", "0,1"))
-    log("llama-bench: prompt evaluation...")
+    log("llama-bench: prompt evaluation, every configuration...")
     pp = best(run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "--repack", "0,1", "-fa", "0,1"))
+    log("llama-bench: generation after a 500-token prompt...")
+    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "1", "-fa", "0"))
+    log("phi_console.py: generation, prompt evaluation, and both together...")
+    short = script_runs(script("hello", GEN_TOKENS), env)
+    prompt = script_runs(script(long_prompt, 1), env)
+    both = script_runs(script(long_prompt, GEN_TOKENS), env)
 
-    log("phi_console.py...")
-    runs = []
-    for _ in range(RUNS):
-        _, err, peak = run_measured(script, env)
-        report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, ([\d.]+) tok/s \| generated: (\d+) tokens, "
-                           r"([\d.]+) tok/s", err)
-        if not report:
-            raise RuntimeError(f"no report in: {err[-500:]}")
-        load, n_prompt, pp_rate, n_gen, tg_rate = (float(x) for x in report.groups())
-        runs.append(dict(load=load, n_prompt=n_prompt, pp=pp_rate, n_gen=n_gen, tg=tg_rate, peak=peak))
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-    log("the llama-cpp-python snippet (library defaults)...")
-    formatted = f"<|user|>\n{prompt}<|end|>\n<|assistant|>"
+    log("the llama-cpp-python snippet (library defaults) on the same 500-token prompt...")
+    formatted = f"<|user|>\n{long_prompt}<|end|>\n<|assistant|>"
     snippets = []
     for _ in range(2):
         try:
@@ -207,36 +221,45 @@ def main() -> None:
     size = model.stat().st_size
     per_token = bytes_per_token(model)
     ceiling = bandwidth / per_token
-    overhead_ms = (1 / med["tg"] - 1 / tg["median_ts"]) * 1000
-    first_token = med["load"] + med["n_prompt"] / med["pp"]
+    overhead_ms = short["overhead"]
+    first_token = prompt["load"] + prompt["n_prompt"] / prompt["pp"]
+    both_first = both["n_prompt"] / both["pp"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     system = llama_cpp.llama_print_system_info().decode()
 
     def config(r: dict) -> str:
-        return f"repack {int(r['repack'])}, fa {r['flash_attn']}, b {r['n_batch']}, ub {r['n_ubatch']}"
+        return f"repack {int(r['repack'])}, fa {r['flash_attn']}"
 
     rows = [
-        ("generation, 128 tokens (tok/s)", f"{med['tg']:.2f}", f"{tg['median_ts']:.2f} ({config(tg)})",
-         f"{med['tg'] / tg['median_ts']:.3f}"),
-        (f"prompt evaluation, {int(med['n_prompt'])} / {PROMPT_TOKENS} tokens (tok/s)", f"{med['pp']:.1f}",
-         f"{pp['median_ts']:.1f} ({config(pp)})", f"{med['pp'] / pp['median_ts']:.3f}"),
-        ("time to first token: load + prompt (s)", f"{med['load']:.2f} + {med['n_prompt'] / med['pp']:.2f} = "
-         f"{first_token:.2f}", "", ""),
-        ("peak RSS vs model file", f"{med['peak'] / 2**30:.2f} GiB", f"file {size / 2**30:.2f} GiB",
-         f"{med['peak'] / size:.2f}x"),
-        ("snippet: generation (tok/s)", f"{med['tg']:.2f}",
-         f"{snippet_rate:.2f}" if snippet_rate else f"failed: {snippets[0].get('error')}",
-         f"{med['tg'] / snippet_rate:.2f}x" if snippet_rate else ""),
-        ("snippet: time to first token (s)", f"{first_token:.2f}", f"{snippet_first:.2f}" if snippet_first else "", ""),
-        ("Python overhead per token (ms)", f"{overhead_ms:.2f}", "", ""),
-        ("bandwidth ceiling (tok/s)", f"{med['tg']:.2f}",
-         f"{ceiling:.2f} = {bandwidth / 1e9:.1f} GB/s / {per_token / 1e9:.2f} GB", f"{med['tg'] / ceiling:.2f}"),
+        (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", f"{short['tg']:.2f}",
+         f"llama-bench tg{GEN_TOKENS}: {tg['median_ts']:.2f} ({config(tg)})", f"{short['tg'] / tg['median_ts']:.3f}"),
+        (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", f"{prompt['pp']:.1f}",
+         f"llama-bench pp{PROMPT_TOKENS}: {pp['median_ts']:.1f} ({config(pp)})", f"{prompt['pp'] / pp['median_ts']:.3f}"),
+        ("generation after that prompt (tok/s)", f"{both['tg']:.2f}",
+         f"llama-bench tg{GEN_TOKENS} @ d500: {deep['median_ts']:.2f} ({config(deep)})",
+         f"{both['tg'] / deep['median_ts']:.3f}"),
+        ("time to first token, warm cache: load + prompt (s)",
+         f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
+        ("peak RSS (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB", f"model file {size / 2**30:.2f} GiB",
+         f"{short['peak'] / size:.2f}x"),
+        ("peak RSS (500-token prompt + 128 tokens)", f"{both['peak'] / 2**30:.2f} GiB", "", f"{both['peak'] / size:.2f}x"),
+        ("vs the snippet: generation after the 500-token prompt (tok/s)", f"{both['tg']:.2f}",
+         f"snippet: {snippet_rate:.2f}" if snippet_rate else f"snippet failed: {snippets[0].get('error')}",
+         f"{both['tg'] / snippet_rate:.2f}x" if snippet_rate else ""),
+        ("vs the snippet: prompt evaluation to first token (s)", f"{both_first:.2f}",
+         f"snippet: {snippet_first:.2f}" if snippet_first else "",
+         f"{snippet_first / both_first:.2f}x" if snippet_first else ""),
+        ("Python and sampling time per generated token (ms)", f"{overhead_ms:.2f}",
+         "wall time per token - llama.cpp's own decode time, same run", ""),
+        ("share of the bandwidth ceiling, generation", f"{short['tg']:.2f}",
+         f"{ceiling:.2f} tok/s = {bandwidth / 1e9:.1f} GB/s / {per_token / 1e9:.2f} GB per token",
+         f"{short['tg'] / ceiling:.2f}"),
     ]
     print(f"phi-console benchmark, {time.strftime('%Y-%m-%d')}: {cpu}, {THREADS} threads, "
           f"{os.cpu_count()} logical CPUs, llama-cpp-python {importlib.metadata.version('llama-cpp-python')}")
     print(f"llama.cpp features: {system.strip()}")
-    print(f"model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape; medians of {RUNS} runs\n")
+    print(f"model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape, random weights; medians of {RUNS} runs\n")
     print("| measure | phi_console.py | reference | ratio |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
