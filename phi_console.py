@@ -254,7 +254,8 @@ def verified(path: str, *, state: Path) -> bool:
     etag = os.path.basename(blob)
     if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
         return True  # not named by a hash (a cache without symlinks): nothing to check against
-    stamp = [os.stat(blob).st_size, os.stat(blob).st_mtime_ns]
+    info = os.stat(blob)
+    stamp = [info.st_size, info.st_mtime_ns]
     try:
         seen = json.loads(state.read_text())
     except (OSError, ValueError):
@@ -522,15 +523,14 @@ def parse_setting(name: str, text: str) -> object:
     return int(text) if name in ("repeat_last_n", "sample_len", "seed") else float(text)
 
 
-def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, int], sampling: dict[str, object],
-         quiet: bool) -> int:
+def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, int], stop_ids: set[int],
+         sampling: dict[str, object], quiet: bool) -> int:
     """Talk at `>>> ` until /bye or end of input; replies go to stdout, everything else to stderr."""
     model = llama_cpp.llama_get_model(ctx)
     vocab = llama_cpp.llama_model_get_vocab(model)
     memory = llama_cpp.llama_get_memory(ctx)
     end, newline = specials["<|end|>"], tokenize(vocab, "\n", add_bos=False)
     bos = tokenize(vocab, "", add_bos=True)
-    stop_ids = {specials[name] for name in STOP_TOKENS}
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -681,9 +681,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_model(model, specials, n_ctx=settings.ctx)
     vocab = llama_cpp.llama_model_get_vocab(model)
     gpu = llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0
+    stop_ids = {specials[name] for name in STOP_TOKENS}
     if settings.chat:
         ctx = new_context(model, n_ctx=settings.ctx, threads=threads, batch=BATCH, gpu=gpu)
-        return chat(ctx, n_ctx=settings.ctx, specials=specials, quiet=quiet,
+        return chat(ctx, n_ctx=settings.ctx, specials=specials, stop_ids=stop_ids, quiet=quiet,
                     sampling={name: getattr(settings, name) for name in SAMPLING})
 
     tokens = chat_prompt(vocab, prompt, specials)
@@ -702,7 +703,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            repeat_last_n=settings.repeat_last_n, seed=seed)
     reply: list[int] = []
     stamps: list[float] = []
-    show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
+    show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids=stop_ids,
                   hidden_ids=set(specials.values()), sample_len=sample_len), tokens=reply, stamps=stamps)
     if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
         llama_cpp.llama_perf_context_print(ctx)

@@ -106,6 +106,16 @@ def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None 
     return Result(completed.returncode, completed.stdout, completed.stderr.decode("utf-8", "replace"))
 
 
+def the_error(result: Result, code: int = 1) -> str:
+    """The one `error:` line of a run that failed as expected: nothing on stdout, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stdout == b""
+    return errors[0]
+
+
 def limit_file_size(size: int) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))

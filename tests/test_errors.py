@@ -9,16 +9,7 @@ import time
 
 import pytest
 
-from conftest import CRAFTED, SCRIPT, console, crafted, environment_for
-
-
-def one_error_line(result, code: int = 1) -> str:
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert result.stdout == b""
-    return errors[0]
+from conftest import CRAFTED, SCRIPT, console, crafted, environment_for, the_error
 
 
 BAD_SETTINGS = [
@@ -50,20 +41,20 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize("flag,value", BAD_SETTINGS)
 def test_a_bad_setting_is_refused_before_anything_slow(tmp_path, flag, value):
     result = console(flag, value, hub=None, home=tmp_path)  # no hub: refusing must not need the network
-    line = one_error_line(result, code=2)
+    line = the_error(result, code=2)
     assert flag in line
     assert result.stderr.count("\n") == 1
     assert not (tmp_path / "hub").exists()  # nothing was downloaded or even looked up
 
 
 def test_a_context_larger_than_the_model_was_trained_for_is_refused(hub, warm_home):
-    line = one_error_line(console(*crafted(), "--ctx", "8192", hub=hub, home=warm_home), code=2)
+    line = the_error(console(*crafted(), "--ctx", "8192", hub=hub, home=warm_home), code=2)
     assert "--ctx 8192" in line and "4096" in line
 
 
 def test_a_prompt_that_leaves_no_room_in_the_context_is_refused(hub, warm_home):
     result = console(*crafted(prompt="hello world " * 40), "--ctx", "64", hub=hub, home=warm_home)
-    line = one_error_line(result, code=2)
+    line = the_error(result, code=2)
     assert "prompt is" in line and "64" in line and "--ctx" in line
 
 
@@ -83,7 +74,7 @@ def test_a_long_reply_stops_when_the_context_is_full_and_says_so(hub, warm_home)
     (("--tokenizer-repo", "nobody/no-such-tokenizer"), "repository nobody/no-such-tokenizer not found"),
 ])
 def test_hub_refusals_name_what_to_check(hub, tmp_path, args, expected):
-    line = one_error_line(console(*args, hub=hub, home=tmp_path))
+    line = the_error(console(*args, hub=hub, home=tmp_path))
     assert expected in line
 
 
@@ -91,33 +82,33 @@ def test_an_unreachable_hub_with_nothing_cached_answers_within_seconds(tmp_path)
     started = time.monotonic()
     result = console(hub=None, home=tmp_path)  # HF_ENDPOINT points at a closed port
     elapsed = time.monotonic() - started
-    line = one_error_line(result)
+    line = the_error(result)
     assert "cannot reach the hub" in line and "not cached" in line
     assert "Retry" not in result.stderr
     assert elapsed < 8  # the library alone would retry with backoff for about 25 s
 
 
 def test_offline_mode_with_nothing_cached_says_so(hub, tmp_path):
-    line = one_error_line(console(hub=hub, home=tmp_path, env={"HF_HUB_OFFLINE": "1"}))
+    line = the_error(console(hub=hub, home=tmp_path, env={"HF_HUB_OFFLINE": "1"}))
     assert "HF_HUB_OFFLINE" in line
     assert hub.requests == []
 
 
 def test_a_file_that_is_not_a_gguf_is_refused(hub, tmp_path):
     result = console("--model-repo", CRAFTED, "--model-file", "not-a-model.gguf", hub=hub, home=tmp_path)
-    line = one_error_line(result)
+    line = the_error(result)
     assert "not a loadable GGUF" in line and "not-a-model.gguf" in line
 
 
 def test_a_tokenizer_that_disagrees_with_the_gguf_is_refused(hub, warm_home):
     result = console(*crafted(), "--tokenizer-repo", "phi-console-tests/mismatched-tokenizer", hub=hub, home=warm_home)
-    line = one_error_line(result)
+    line = the_error(result)
     assert "<|end|>" in line and "32008" in line and "do not belong together" in line
 
 
 def test_a_tokenizer_that_is_not_json_is_refused(hub, warm_home):
     result = console(*crafted(), "--tokenizer-repo", "phi-console-tests/broken-tokenizer", hub=hub, home=warm_home)
-    assert "not a usable tokenizer.json" in one_error_line(result)
+    assert "not a usable tokenizer.json" in the_error(result)
 
 
 def stream_then_signal(hub, home, signum: int) -> tuple[int, bytes, str]:

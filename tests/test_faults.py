@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CRAFTED, MODEL_FILE, MODEL_REPO, SCRIPT, TOKENIZER_REPO, console, crafted, environment_for
+from conftest import MODEL_FILE, MODEL_REPO, SCRIPT, TOKENIZER_REPO, console, crafted, environment_for, the_error
 
 
 def cached(home: Path, repo: str, name: str) -> Path:
@@ -22,14 +22,6 @@ def cached(home: Path, repo: str, name: str) -> Path:
 
 def leftovers(home: Path) -> list[Path]:
     return list((home / "hub").rglob("*.incomplete"))
-
-
-def one_error(result) -> str:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def default_run(hub, home, **kwargs):
@@ -72,12 +64,12 @@ def test_offline_a_damaged_cache_is_refused_with_the_way_to_repair_it(hub, tmp_p
     assert default_run(hub, tmp_path).returncode == 0
     blob = cached(tmp_path, MODEL_REPO, MODEL_FILE)
     blob.write_bytes(blob.read_bytes()[:-10])
-    line = one_error(default_run(None, tmp_path, env={"HF_HUB_OFFLINE": "1"}))
+    line = the_error(default_run(None, tmp_path, env={"HF_HUB_OFFLINE": "1"}))
     assert "damaged" in line and "HF_HUB_OFFLINE" in line
-    assert result_is_repaired_online(hub, tmp_path)
+    assert runs_normally(hub, tmp_path)
 
 
-def result_is_repaired_online(hub, home: Path) -> bool:
+def runs_normally(hub, home: Path) -> bool:
     return default_run(hub, home).stdout == b"puck goal puck\n"
 
 
@@ -135,7 +127,7 @@ def test_ctrl_c_during_a_download_leaves_a_usable_cache(hub, tmp_path):
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     assert leftovers(tmp_path) == []
-    assert result_is_repaired_online(hub, tmp_path)
+    assert runs_normally(hub, tmp_path)
 
 
 def test_a_connection_dropped_mid_body_is_resumed_within_the_run(hub, tmp_path):
@@ -155,19 +147,19 @@ def test_a_hub_that_never_answers_is_reported_within_the_timeout(hub, tmp_path):
         elapsed = time.monotonic() - started
     finally:
         hub.hang = False
-    line = one_error(result)
+    line = the_error(result)
     assert "did not answer within 2 s" in line
     assert elapsed < 8
 
 
 def test_a_full_disk_names_the_cache_and_the_space_needed_and_the_next_run_succeeds(hub, tmp_path):
     result = default_run(hub, tmp_path, max_file_size=4 << 20)  # the model is 12 MB
-    line = one_error(result)
+    line = the_error(result)
     assert "no room to save" in line and "0.01 GB" in line and str(tmp_path / "hub") in line
     blobs = [p for p in (tmp_path / "hub").rglob("blobs/*")]
     assert all(p.stat().st_size < 1 << 20 for p in blobs)  # only the tokenizer, nothing that looks like the model
     assert leftovers(tmp_path) == []
-    assert result_is_repaired_online(hub, tmp_path)
+    assert runs_normally(hub, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["huge-string.gguf", "huge-array.gguf", "huge-counts.gguf", "truncated.gguf",
@@ -175,7 +167,7 @@ def test_a_full_disk_names_the_cache_and_the_space_needed_and_the_next_run_succe
 def test_a_hostile_gguf_is_refused_in_one_line(hub, tmp_path, name):
     started = time.monotonic()
     result = console(*crafted(model=name), hub=hub, home=tmp_path)
-    line = one_error(result)
+    line = the_error(result)
     assert "not a loadable GGUF" in line and name in line
     assert time.monotonic() - started < 20
 
@@ -185,5 +177,5 @@ def test_a_hostile_gguf_is_refused_in_one_line(hub, tmp_path, name):
     ("phi-console-tests/huge-tokenizer", "not a usable tokenizer.json"),
 ])
 def test_a_tokenizer_without_what_phi3_needs_is_refused(hub, warm_home, repo, expected):
-    line = one_error(console(*crafted(), "--tokenizer-repo", repo, hub=hub, home=warm_home))
+    line = the_error(console(*crafted(), "--tokenizer-repo", repo, hub=hub, home=warm_home))
     assert expected in line
