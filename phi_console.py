@@ -64,7 +64,7 @@ N_CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at m
 CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
 
 TOKENIZER_FILE = "tokenizer.json"  # the file in TOKENIZER_REPO that lists Phi-3's special tokens
-TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is 1.9 MB; a bigger file is refused rather than parsed into memory
+TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is a few MB; a bigger file is refused rather than parsed into memory
 CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # tokens the chat format uses
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
