@@ -213,7 +213,10 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
                      "run without HF_HUB_OFFLINE to download it again")
             note(f"the cached {files[index][1]} is damaged (its hash does not match the hub's); downloading it again",
                  quiet=quiet)
-            os.remove(os.path.realpath(path))
+            try:
+                os.remove(os.path.realpath(path))
+            except OSError as error:
+                fail(f"the cached {path} is damaged and cannot be removed ({error.strerror}); delete it and run again")
             paths[index] = None
     missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths)) if not isinstance(path, str)]
     if not missing:
