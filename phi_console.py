@@ -414,10 +414,13 @@ def tokenize(vocab: "llama_cpp.llama_vocab_p", text: str, *, add_bos: bool) -> l
     return list(tokens[:n])
 
 
-def chat_prompt(vocab: "llama_cpp.llama_vocab_p", prompt: str, specials: dict[str, int]) -> list[int]:
-    """`<s><|user|>\\n{prompt}<|end|>\\n<|assistant|>`, as llama.cpp tokenizes it with special tokens parsed."""
-    return [*tokenize(vocab, "", add_bos=True), specials["<|user|>"], *tokenize(vocab, "\n" + prompt, add_bos=False),
-            specials["<|end|>"], *tokenize(vocab, "\n", add_bos=False), specials["<|assistant|>"]]
+def user_turn(vocab: "llama_cpp.llama_vocab_p", text: str, specials: dict[str, int]) -> list[int]:
+    """`<|user|>\\n{text}<|end|>\\n<|assistant|>`, as llama.cpp tokenizes it with special tokens parsed.
+
+    A one-shot prompt is BOS and one such turn; a chat adds one per message.
+    """
+    return [specials["<|user|>"], *tokenize(vocab, "\n" + text, add_bos=False), specials["<|end|>"],
+            *tokenize(vocab, "\n", add_bos=False), specials["<|assistant|>"]]
 
 
 def evaluate(ctx: "llama_cpp.llama_context_p", tokens: list[int]) -> None:
@@ -594,8 +597,7 @@ def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, in
                     sys.stderr.write(f"error: unknown command or wrong arguments: {line!r}; /help lists the commands\n")
                 continue
 
-            message = [specials["<|user|>"], *tokenize(vocab, "\n" + line, add_bos=False), end, *newline,
-                       specials["<|assistant|>"]]
+            message = user_turn(vocab, line, specials)
             if len(bos) + len(message) >= n_ctx:
                 sys.stderr.write(f"error: that message is {len(message)} tokens and the context holds {n_ctx}; "
                                  "send a shorter one (or start with a larger --ctx)\n")
@@ -690,7 +692,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return chat(ctx, n_ctx=settings.ctx, specials=specials, stop_ids=stop_ids, quiet=quiet,
                     sampling={name: getattr(settings, name) for name in SAMPLING})
 
-    tokens = chat_prompt(vocab, prompt, specials)
+    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials)
     if len(tokens) >= settings.ctx:
         fail(f"the prompt is {len(tokens)} tokens and the context holds {settings.ctx}; "
              "shorten the prompt or raise --ctx", code=2)
