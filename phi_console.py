@@ -31,7 +31,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, NoReturn, Optional, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar
 
 try:
     import llama_cpp
@@ -45,23 +45,62 @@ except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed; run: pip install -r requirements.txt")
 
 # ---------------------------------------------------------------------------------------------
-# Settings: edit these and rerun, or pass the flag shown in --help. Each flag defaults to these.
+# Settings: edit these and rerun, or pass the same setting as a flag (--top-p for TOP_P; --help lists them)
 # ---------------------------------------------------------------------------------------------
+PROMPT = "Write a haiku about ice hockey"  # your words; Phi-3's chat format is added around them
+SYSTEM = None  # None, or instructions the model reads before your first message ("Answer in French.")
+TEMPERATURE = 1.0  # >= 0; 0 = greedy (always the likeliest token), higher = more random
+TOP_P = None  # None = off; else 0 < p <= 1: draw only from the likeliest tokens whose probabilities sum to p
+REPEAT_PENALTY = 1.2  # > 0; 1.0 = off, > 1.0 makes tokens the reply has already used less likely
+REPEAT_LAST_N = 64  # >= 0; how many of the reply's latest tokens the penalty looks at, 0 = none
+SAMPLE_LEN = 100  # >= 1; the most tokens to generate
+SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
+CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
+CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
+THREADS = None  # >= 1 CPU threads; None = the number of physical cores
+GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # Hugging Face repo that holds the weights
 MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"  # the weights: Q4_K_M, about 2.4 GB
 MODEL_REVISION = "main"  # branch, tag, or a 40-hex commit that pins the exact bytes
 TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"  # repo whose tokenizer.json names the stop tokens
-PROMPT = "Write a haiku about ice hockey"  # the user's words; Phi-3's chat format is added around them
-TEMPERATURE = 1.0  # >= 0; 0 = greedy (always the likeliest token), higher = more random
-TOP_P = None  # None = off; else 0 < p <= 1: draw only from the likeliest tokens whose probabilities sum to p
-REPEAT_PENALTY = 1.2  # > 0; 1.0 = off, > 1.0 makes recently seen tokens less likely
-REPEAT_LAST_N = 64  # >= 0; how many recent tokens (prompt included) the penalty looks at, 0 = none
-SAMPLE_LEN = 100  # >= 1; the most tokens to generate
-SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
-N_THREADS = None  # >= 1 CPU threads; None = the number of physical cores
-N_GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
-N_CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
-CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
+TOKENIZER_REVISION = "main"  # branch, tag or commit of the tokenizer's repo
+
+# Each setting once. Its name spells the constant (TOP_P), the flag (--top-p) and chat's `/set top_p`.
+# type: what a flag's text is read as; none: may be None ("none" as text); valid: when a value of that type
+# is allowed, and must_be: the same in words; meaning: --help's and /help's line.
+SETTINGS: dict[str, tuple[type, bool, Callable[[Any], bool], str, str]] = {
+    # name            type   none   valid                          must_be                         meaning
+    "prompt": (str, False, lambda s: s.strip() != "", "non-empty text",
+               "your words; '-' reads stdin, as does a pipe when --prompt is absent"),
+    "system": (str, True, lambda s: s.strip() != "", "non-empty text, or none",
+               "instructions the model reads before your first message"),
+    "temperature": (float, False, lambda t: t >= 0, "a number >= 0", "0 = greedy, higher = more random"),
+    "top_p": (float, True, lambda p: 0 < p <= 1, "a number in (0, 1], or none",
+              "draw only from the likeliest tokens whose probabilities add up to P; none = off"),
+    "repeat_penalty": (float, False, lambda x: x > 0, "a number > 0",
+                       "1.0 = off; above 1, tokens the reply has already used become less likely"),
+    "repeat_last_n": (int, False, lambda n: n >= 0, "an integer >= 0",
+                      "how many of the reply's latest tokens the penalty looks at; 0 = none"),
+    "sample_len": (int, False, lambda n: n >= 1, "an integer >= 1", "the most tokens to generate"),
+    "seed": (int, True, lambda n: 0 <= n <= MAX_SEED, "an integer in 0..4294967294, or none",
+             "the same seed repeats a run exactly; none = random, printed at the end"),
+    "chat": (bool, False, lambda b: True, "True or False", "talk back and forth at a '>>> ' prompt (/help there)"),
+    "ctx": (int, False, lambda n: n >= 1, "an integer >= 1",
+            "tokens of context: prompt + reply, or the whole chat; at most the model's own"),
+    "threads": (int, True, lambda n: n >= 1, "an integer >= 1, or none", "CPU threads; none = one per physical core"),
+    "gpu_layers": (int, True, lambda n: n >= -1, "an integer >= -1, or none",
+                   "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
+    "model_repo": (str, False, lambda s: s.strip() != "", "a repo name", "Hugging Face repo of the GGUF weights"),
+    "model_file": (str, False, lambda s: s.strip() != "", "a file name", "the GGUF file in that repo"),
+    "model_revision": (str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+                       "revision of the model repo; a commit pins the exact bytes"),
+    "tokenizer_repo": (str, False, lambda s: s.strip() != "", "a repo name",
+                       "repo whose tokenizer.json names the stop tokens"),
+    "tokenizer_revision": (str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+                           "revision of the tokenizer's repo"),
+}
+DEFAULTS = {name: globals()[name.upper()] for name in SETTINGS}  # each setting's constant, by its name
+CHAT_SETTINGS = ("temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
 
 TOKENIZER_FILE = "tokenizer.json"  # the file in TOKENIZER_REPO that lists Phi-3's special tokens
 TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is a few MB; a bigger file is refused rather than parsed into memory
@@ -89,91 +128,57 @@ def note(message: str, *, quiet: bool) -> None:
 # Settings from the command line, checked before anything slow happens
 # ---------------------------------------------------------------------------------------------
 def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
+    """One flag per setting, each defaulting to its constant; a bad value is refused, never clamped."""
     parser = argparse.ArgumentParser(
         description="Stream a completion from Phi-3-mini (llama.cpp on your CPU or GPU). "
         "Only the completion goes to stdout; progress and speed go to stderr.",
-        epilog="Every default comes from the constants at the top of phi_console.py.",
-    )
+        epilog="Every default comes from the constants at the top of phi_console.py.")
     parser.error = lambda message: fail(f"{message} (see --help)", code=2)  # one line, not usage + error
-    add = parser.add_argument
-    # The prompt's default is filled in after parsing, so that a pipe can stand in for a missing -p.
-    add("-p", "--prompt", metavar="TEXT",
-        help=f"your words; '-' reads stdin, as does a pipe when -p is absent (default: {PROMPT!r})")
-    add("--temperature", type=float, metavar="T", default=TEMPERATURE,
-        help="0 = greedy, higher = more random (default: %(default)s)")
-    add("--top-p", type=float, metavar="P", default=TOP_P,
-        help="nucleus sampling, 0 < p <= 1 (default: %(default)s = off)")
-    add("--repeat-penalty", type=float, metavar="X", default=REPEAT_PENALTY,
-        help="1.0 = off, > 1 discourages repeats (default: %(default)s)")
-    add("--repeat-last-n", type=int, metavar="N", default=REPEAT_LAST_N,
-        help="tokens the repeat penalty looks back over (default: %(default)s)")
-    add("--sample-len", type=int, metavar="N", default=SAMPLE_LEN, help="most tokens to generate (default: %(default)s)")
-    add("--seed", type=int, metavar="N", default=SEED,
-        help=f"0..{MAX_SEED} repeats a run (default: %(default)s = random, printed at the end)")
-    add("--threads", type=int, metavar="N", default=N_THREADS, help="CPU threads (default: %(default)s = physical cores)")
-    add("--gpu-layers", type=int, metavar="N", default=N_GPU_LAYERS,
-        help="layers offloaded to a GPU, -1 = all (default: %(default)s = all, if the build can)")
-    add("--ctx", type=int, metavar="N", default=N_CTX,
-        help="context size in tokens: prompt + reply, or the whole chat (default: %(default)s)")
-    add("--model-repo", metavar="REPO", default=MODEL_REPO,
-        help="Hugging Face repo of the GGUF weights (default: %(default)s)")
-    add("--model-file", metavar="FILE", default=MODEL_FILE, help="GGUF file in that repo (default: %(default)s)")
-    add("--revision", metavar="REV", default=MODEL_REVISION,
-        help="branch, tag or commit of the model repo (default: %(default)s)")
-    add("--tokenizer-repo", metavar="REPO", default=TOKENIZER_REPO,
-        help=f"repo whose {TOKENIZER_FILE} names the stop tokens (default: %(default)s)")
-    add("--chat", action=argparse.BooleanOptionalAction, default=CHAT,
-        help="talk back and forth at a '>>> ' prompt; /help lists its commands (default: %(default)s)")
-    add("-q", "--quiet", action="store_true", help="stderr shows errors only")
-    add("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
-    return parser.parse_args(argv)
-
-
-def is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def is_integer(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_text(v: object) -> bool:
-    return isinstance(v, str) and v.strip() != ""
-
-
-RULES = {  # every setting: what its value must be (the chat's /set uses the sampling ones)
-    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    "top_p": (lambda v: v is None or (is_number(v) and 0 < v <= 1), "a number in (0, 1], or none"),
-    "repeat_penalty": (lambda v: is_number(v) and v > 0, "a number > 0 (1.0 = off)"),
-    "repeat_last_n": (lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
-    "sample_len": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
-    "seed": (lambda v: v is None or (is_integer(v) and 0 <= v <= MAX_SEED), f"an integer in 0..{MAX_SEED}, or none"),
-    "threads": (lambda v: v is None or (is_integer(v) and v >= 1), "an integer >= 1"),
-    "gpu_layers": (lambda v: v is None or (is_integer(v) and v >= -1), "an integer >= 0, or -1 for all"),
-    "ctx": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
-    "model_repo": (is_text, "a non-empty string"),
-    "model_file": (is_text, "a non-empty string"),
-    "revision": (is_text, "a non-empty string"),
-    "tokenizer_repo": (is_text, "a non-empty string"),
-    "chat": (lambda v: isinstance(v, bool), "True or False"),
-}
+    for name, (kind, _, _, must_be, meaning) in SETTINGS.items():
+        flags = ["-p", "--prompt"] if name == "prompt" else ["--" + name.replace("_", "-")]
+        shown = f"{meaning}; {must_be} (default: {DEFAULTS[name]!r})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
+        else:
+            parser.add_argument(*flags, type=lambda text, name=name: read_value(name, text),
+                                metavar={int: "N", float: "X"}.get(kind, "TEXT"), default=argparse.SUPPRESS,
+                                help=shown)
+    parser.add_argument("-q", "--quiet", action="store_true", help="stderr shows errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
+    given = vars(parser.parse_args(argv))
+    for name in SETTINGS.keys() - given.keys() - {"prompt"}:  # the prompt's default waits for a possible pipe
+        wrong = problem(name, DEFAULTS[name])
+        if wrong:
+            fail(f"{name.upper()} {wrong}; fix it at the top of phi_console.py", code=2)
+    return argparse.Namespace(**{**DEFAULTS, "prompt": None, **given})
 
 
 def problem(name: str, value: object) -> Optional[str]:
-    """What is wrong with a setting's value, or None if nothing is."""
-    ok, want = RULES[name]
-    return None if ok(value) else f"{name.replace('_', '-')} must be {want} (got {value!r})"
+    """What is wrong with a value for a setting, or None if nothing is."""
+    kind, none, valid, must_be, _ = SETTINGS[name]
+    if value is None or kind is bool:
+        ok = none if value is None else isinstance(value, bool)
+    elif isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        ok = False
+    else:
+        ok = (kind is not float or math.isfinite(value)) and valid(value)
+    return None if ok else f"must be {must_be} (got {value!r})"
 
 
-def check_settings(s: argparse.Namespace) -> None:
-    """Refuse bad values, also ones typed into the constants above, instead of clamping them."""
-    for name in RULES:
-        wrong = problem(name, getattr(s, name))
-        if wrong:
-            fail(f"--{wrong}", code=2)
+def read_value(name: str, text: str) -> object:
+    """A setting typed as text (a flag, or /set in chat) as the value it stands for; 'none' is None."""
+    kind, none, _, _, _ = SETTINGS[name]
+    try:
+        value = None if none and text.strip().lower() == "none" else text if kind is str else kind(text)
+    except ValueError:
+        value = text
+    wrong = problem(name, value)
+    if wrong:
+        raise argparse.ArgumentTypeError(wrong.replace(repr(value), repr(text)))
+    return value
 
 
-def read_prompt(prompt: Optional[str], *, default: str) -> str:
+def read_prompt(prompt: Optional[str], *, default: object) -> str:
     """`-` reads stdin; so does a pipe or a file on stdin when -p was not given."""
     try:
         mode = os.fstat(sys.stdin.fileno()).st_mode if sys.stdin else 0
@@ -182,9 +187,11 @@ def read_prompt(prompt: Optional[str], *, default: str) -> str:
     if prompt == "-" or (prompt is None and (stat.S_ISFIFO(mode) or stat.S_ISREG(mode))):
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
     prompt = default if prompt is None else prompt
-    if not isinstance(prompt, str) or not prompt.strip():
-        fail(f"the prompt is empty (got {prompt!r}); pass --prompt, pipe text in, or set PROMPT", code=2)
-    return prompt
+    wrong = problem("prompt", prompt)
+    if wrong:
+        wrong = f"is empty (got {prompt!r})" if isinstance(prompt, str) else wrong
+        fail(f"the prompt {wrong}; pass --prompt, pipe text in, or set PROMPT", code=2)
+    return prompt  # type: ignore[return-value]
 
 
 def physical_cores() -> int:
@@ -292,7 +299,7 @@ def hub_call(call: Callable[[], T], *, repo: str, name: str, revision: str, time
     except hub_errors.RepositoryNotFoundError:
         fail(f"repository {repo} not found on {endpoint} (check the repo name; a private repo needs HF_TOKEN)")
     except hub_errors.RevisionNotFoundError:
-        fail(f"revision {revision!r} not found in {repo} (check --revision)")
+        fail(f"revision {revision!r} not found in {repo} (check --model-revision and --tokenizer-revision)")
     except hub_errors.RemoteEntryNotFoundError:
         fail(f"{name} not found in {repo} at revision {revision!r} (check the file name)")
     except hub_errors.HfHubHTTPError as error:
@@ -471,9 +478,7 @@ def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "l
              stop_ids: set[int], hidden_ids: set[int], sample_len: int) -> Iterator[tuple[int, str]]:
     """Evaluate the prompt, then yield each sampled token with the text it adds ("" mid-character)."""
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
-    for token in prompt:  # the repeat penalty looks at the prompt too
-        llama_cpp.llama_sampler_accept(sampler, token)
-    evaluate(ctx, prompt)
+    evaluate(ctx, prompt)  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     one = (llama_cpp.llama_token * 1)()
     for index in range(sample_len):
@@ -508,31 +513,55 @@ def speed(count: int, seconds: float) -> str:
     return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
 
 
+def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[str, int], n_ctx: int,
+             context: dict[str, Any], sampling: dict[str, Any], started: float, quiet: bool, verbose: bool) -> int:
+    """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr."""
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials)
+    if len(tokens) >= n_ctx:
+        fail(f"the prompt is {len(tokens)} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx",
+             code=2)
+    sample_len = min(sampling["sample_len"], n_ctx - len(tokens) + 1)
+    if sample_len < sampling["sample_len"]:
+        note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
+    # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
+    ctx = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
+    loaded = time.perf_counter()
+    seed = random.SystemRandom().randint(0, MAX_SEED) if sampling["seed"] is None else sampling["seed"]
+    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
+                           **{k: sampling[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
+    reply: list[int] = []
+    stamps: list[float] = []
+    show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
+                  hidden_ids=set(specials.values()), sample_len=sample_len), tokens=reply, stamps=stamps)
+    if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
+        llama_cpp.llama_perf_context_print(ctx)
+    first = stamps[0] if stamps else time.perf_counter()
+    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {speed(len(tokens), first - loaded)}"
+         f" | generated: {len(reply)} tokens, {speed(len(reply) - 1, stamps[-1] - first if stamps else 0)}"
+         f" | seed {seed}", quiet=quiet)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Chat: a conversation whose history stays in the KV cache, so each turn evaluates only its new tokens
 # ---------------------------------------------------------------------------------------------
-CHAT_HELP = """commands:
-  /set NAME VALUE   change a sampling setting: temperature, top_p, repeat_penalty, repeat_last_n,
-                    sample_len or seed (top_p and seed also take 'none')
-  /show             the current settings
-  /reset            forget the conversation
-  /stats            speed of the last reply
-  /help             this list
-  /bye              leave (so does Ctrl-D); Ctrl-C stops a reply"""
-SAMPLING = ("temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
+def chat_help() -> str:
+    """/help's text: the commands, and the settings /set can change (from SETTINGS)."""
+    names = "".join(f"\n    {name:<16}{SETTINGS[name][4]} ({SETTINGS[name][3]})" for name in CHAT_SETTINGS)
+    return ("commands:\n  /set NAME VALUE   change a setting:" + names + "\n"
+            "  /show             the current settings and how much of the context is used\n"
+            "  /reset            forget the conversation\n"
+            "  /stats            speed of the last reply\n"
+            "  /help             this list\n"
+            "  /bye              leave (so does Ctrl-D); Ctrl-C stops a reply")
 
 
-def parse_setting(name: str, text: str) -> object:
-    """A /set value as the type its setting takes; 'none' turns top_p off or picks a random seed."""
-    if text.lower() in ("none", "off"):
-        return None
-    return int(text) if name in ("repeat_last_n", "sample_len", "seed") else float(text)
-
-
-def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, int], stop_ids: set[int],
-         sampling: dict[str, object], quiet: bool) -> int:
+def chat(model: "llama_cpp.llama_model_p", *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
+         sampling: dict[str, Any], quiet: bool) -> int:
     """Talk at `>>> ` until /bye or end of input; replies go to stdout, everything else to stderr."""
-    model = llama_cpp.llama_get_model(ctx)
+    ctx = new_context(model, n_ctx=n_ctx, batch=BATCH, **context)
+    stop_ids = {specials[name] for name in STOP_TOKENS}
     vocab = llama_cpp.llama_model_get_vocab(model)
     memory = llama_cpp.llama_get_memory(ctx)
     end, newline = specials["<|end|>"], tokenize(vocab, "\n", add_bos=False)
@@ -546,14 +575,15 @@ def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, in
     history: list[int] = []  # the tokens in the KV cache: position i holds history[i]
     turns: list[int] = []  # where each exchange starts in history
     pending: list[int] = []  # the end of the last reply, said but not yet in the cache
+    replies: list[int] = []  # the model's own tokens, newest last: what the repeat penalty looks at
     last_stats = "no reply yet"
 
     def new_sampler() -> "llama_cpp.llama_sampler_p":
         seed = sampling["seed"] if sampling["seed"] is not None else random.SystemRandom().randint(0, MAX_SEED)
         sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
-                               **{k: sampling[k] for k in SAMPLING if k not in ("sample_len", "seed")})
-        for token in history[-sampling["repeat_last_n"]:] if sampling["repeat_last_n"] else []:
-            llama_cpp.llama_sampler_accept(sampler, token)  # the penalty window carries on
+                               **{k: sampling[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
+        for token in replies[-sampling["repeat_last_n"]:] if sampling["repeat_last_n"] else []:
+            llama_cpp.llama_sampler_accept(sampler, token)  # the penalty window carries on over the replies
         return sampler
 
     sampler = new_sampler()
@@ -568,27 +598,24 @@ def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, in
                 if command == "/bye":
                     return 0
                 elif command == "/help":
-                    sys.stderr.write(CHAT_HELP + "\n")
+                    sys.stderr.write(chat_help() + "\n")
                 elif command == "/show":
-                    sys.stderr.write("".join(f"{k} = {sampling[k]}\n" for k in SAMPLING)
+                    sys.stderr.write("".join(f"{k} = {sampling[k]}\n" for k in CHAT_SETTINGS)
                                      + f"context: {len(history)} of {n_ctx} tokens used\n")
                 elif command == "/stats":
                     sys.stderr.write(last_stats + "\n")
                 elif command == "/reset":
                     with uninterrupted():
                         llama_cpp.llama_memory_clear(memory, True)
-                        history, turns, pending = [], [], []
+                        history, turns, pending, replies = [], [], [], []
                         sampler = new_sampler()
                     sys.stderr.write("the conversation is forgotten\n")
-                elif command == "/set" and len(args) == 2 and args[0].replace("-", "_") in SAMPLING:
-                    name = args[0].replace("-", "_")
+                elif command == "/set" and len(args) == 2 and args[0] in CHAT_SETTINGS:
+                    name = args[0]
                     try:
-                        value = parse_setting(name, args[1])
-                    except ValueError:
-                        value = args[1]
-                    wrong = problem(name, value)
-                    if wrong:
-                        sys.stderr.write(f"error: {wrong}\n")
+                        value = read_value(name, args[1])
+                    except argparse.ArgumentTypeError as wrong:
+                        sys.stderr.write(f"error: {name} {wrong}\n")
                         continue
                     sampling[name] = value
                     sampler = new_sampler()
@@ -629,6 +656,7 @@ def chat(ctx: "llama_cpp.llama_context_p", *, n_ctx: int, specials: dict[str, in
             with uninterrupted():
                 # What was said stays said: the cache keeps what it evaluated, the rest goes in with the next turn.
                 turns.append(len(history) + len(prompt) - len(message))
+                replies += sampled
                 everything = history + prompt + sampled
                 kept = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
                 history = everything[:kept]
@@ -662,61 +690,31 @@ def uninterrupted() -> Iterator[None]:
 # Main: settings -> download -> load -> prompt -> stream -> report
 # ---------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
-    settings = parse_settings(argv)
-    check_settings(settings)
-    prompt = None if settings.chat else read_prompt(settings.prompt, default=PROMPT)
+    settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
+    prompt = None if settings.chat else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     if quiet:
         disable_progress_bars()
     if not verbose:
         hub_logging.set_verbosity_error()  # the library's retry and cache chatter
-    seed = random.SystemRandom().randint(0, MAX_SEED) if settings.seed is None else settings.seed
-    threads = settings.threads or physical_cores()
 
-    model_path, tokenizer_path = download(
-        [(settings.model_repo, settings.model_file, settings.revision),
-         (settings.tokenizer_repo, TOKENIZER_FILE, "main")],
+    model_path, tokenizer_path = download(  # 2. download: the cache first, the hub only for what it lacks
+        [(settings.model_repo, settings.model_file, settings.model_revision),
+         (settings.tokenizer_repo, TOKENIZER_FILE, settings.tokenizer_revision)],
         state=Path(hub_constants.HF_HOME) / "phi-console" / "verified.json",
         timeout=hub_constants.HF_HUB_ETAG_TIMEOUT, quiet=quiet)
     specials = read_special_tokens(tokenizer_path)
 
-    started = time.perf_counter()
-    log_errors = route_llama_log(verbose=verbose)
-    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=log_errors)
+    started = time.perf_counter()  # 3. load
+    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=route_llama_log(verbose=verbose))
     check_model(model, specials, n_ctx=settings.ctx)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    gpu = llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0
-    stop_ids = {specials[name] for name in STOP_TOKENS}
-    if settings.chat:
-        ctx = new_context(model, n_ctx=settings.ctx, threads=threads, batch=BATCH, gpu=gpu)
-        return chat(ctx, n_ctx=settings.ctx, specials=specials, stop_ids=stop_ids, quiet=quiet,
-                    sampling={name: getattr(settings, name) for name in SAMPLING})
-
-    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials)
-    if len(tokens) >= settings.ctx:
-        fail(f"the prompt is {len(tokens)} tokens and the context holds {settings.ctx}; "
-             "shorten the prompt or raise --ctx", code=2)
-    sample_len = min(settings.sample_len, settings.ctx - len(tokens) + 1)
-    if sample_len < settings.sample_len:
-        note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
-    # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
-    ctx = new_context(model, n_ctx=min(settings.ctx, len(tokens) + sample_len), threads=threads, batch=BATCH,
-                      gpu=gpu)
-    loaded = time.perf_counter()
-    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), temperature=settings.temperature,
-                           top_p=settings.top_p, repeat_penalty=settings.repeat_penalty,
-                           repeat_last_n=settings.repeat_last_n, seed=seed)
-    reply: list[int] = []
-    stamps: list[float] = []
-    show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids=stop_ids,
-                  hidden_ids=set(specials.values()), sample_len=sample_len), tokens=reply, stamps=stamps)
-    if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
-        llama_cpp.llama_perf_context_print(ctx)
-    first = stamps[0] if stamps else time.perf_counter()
-    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {speed(len(tokens), first - loaded)}"
-         f" | generated: {len(reply)} tokens, {speed(len(reply) - 1, stamps[-1] - first if stamps else 0)}"
-         f" | seed {seed}", quiet=quiet)
-    return 0
+    context = dict(threads=settings.threads or physical_cores(),
+                   gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
+    sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
+    if settings.chat:  # 4-6. prompt, stream and report, once or for every message
+        return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling, quiet=quiet)
+    return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
+                    started=started, quiet=quiet, verbose=verbose)
 
 
 def run() -> None:

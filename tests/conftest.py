@@ -1,4 +1,25 @@
-"""Shared fixtures: crafted Q4_K_M models served by a local hub, and a way to run the real script."""
+"""Shared fixtures: crafted Q4_K_M models served by a local hub, and a way to run the real script.
+
+Everything the local hub serves (all models are crafted: every layer zero, so the next token's logits are known;
+"puck" = token "▁puck", "goal" = "▁goal"):
+
+| repository                              | files                                  | what it is for                        |
+|-----------------------------------------|----------------------------------------|---------------------------------------|
+| microsoft/Phi-3-mini-4k-instruct-gguf   | Phi-3-mini-4k-instruct-q4.gguf         | the default run: puck-goal.gguf       |
+| microsoft/Phi-3-mini-4k-instruct        | tokenizer.json                         | Phi-3's special tokens at their ids   |
+| phi-console-tests/crafted               | puck-goal.gguf                         | puck logit 10, goal 9, all others 0   |
+|                                         | end.gguf                               | <|end|> first: the reply ends at once |
+|                                         | placeholder.gguf                       | a special token that is never printed |
+|                                         | emoji.gguf                             | byte tokens F0 9F 98 80: U+1F600      |
+|                                         | huge-string/huge-array/huge-counts/    | GGUFs that lie about their sizes, or  |
+|                                         | truncated/wrong-magic.gguf             | are cut short or mislabelled          |
+|                                         | not-a-model.gguf                       | text                                  |
+| phi-console-tests/mismatched-tokenizer  | tokenizer.json                         | <|end|> at another id than the GGUF's |
+| phi-console-tests/broken-tokenizer      | tokenizer.json                         | not JSON                              |
+| phi-console-tests/plain-tokenizer       | tokenizer.json                         | no Phi-3 chat tokens                  |
+| phi-console-tests/huge-tokenizer        | tokenizer.json                         | 65 MB                                 |
+| phi-console-tests/gated                 | Phi-3-mini-4k-instruct-q4.gguf         | refused without a token               |
+"""
 from __future__ import annotations
 
 import os
@@ -29,6 +50,10 @@ CRAFTED_LOGITS = {
     "placeholder.gguf": {PLACEHOLDER: 10.0},  # a special token that must never be printed
     "emoji.gguf": {byte_token(0xF0): 10.0, byte_token(0x9F): 9.0, byte_token(0x98): 8.0, byte_token(0x80): 7.0},
 }
+
+# The two baselines most tests compare against, both greedy (temperature 0) on puck-goal.gguf, 3 tokens:
+PENALISED = b"puck goal puck\n"  # the script's default penalty 1.2 > 10/9: once said, "puck" loses to "goal"
+UNPENALISED = b"puck puck puck\n"  # penalty 1.0 (what crafted() sets unless told otherwise)
 
 
 @dataclass
@@ -92,18 +117,35 @@ def warm_home(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Path:
 def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None = None,
             stdin: bytes | None = None, script: Path = SCRIPT, timeout: float = 120,
             max_file_size: int | None = None) -> Result:
-    """Run the real phi_console.py the way a user does and capture what they would see.
-
-    max_file_size caps every file the script writes (RLIMIT_FSIZE): a disk that fills up mid-download.
-    """
+    """Run the real phi_console.py the way a user does and capture what they would see."""
     environment = environment_for(hub, home)
     environment.update(env or {})
     environment = {k: v for k, v in environment.items() if v is not None}
     completed = subprocess.run([sys.executable, str(script), *args], input=stdin,
                                stdin=None if stdin is not None else subprocess.DEVNULL,
                                capture_output=True, env=environment, timeout=timeout,
-                               preexec_fn=(lambda: limit_file_size(max_file_size)) if max_file_size else None)
+                               preexec_fn=lambda: as_a_user(max_file_size=max_file_size))
     return Result(completed.returncode, completed.stdout, completed.stderr.decode("utf-8", "replace"))
+
+
+def start(*args: str, hub: Hub | None, home: Path, stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """Start the real script in the background, as console() runs it, for tests that signal it mid-run."""
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=environment_for(hub, home), preexec_fn=as_a_user)
+
+
+def as_a_user(*, max_file_size: int | None = None) -> None:
+    """In the child before exec: Ctrl-C and SIGTERM act as they do for someone at a terminal.
+
+    Whoever started pytest may ignore SIGINT (a background job does, and children inherit it); the script
+    rightly keeps an inherited ignore, so a test that presses Ctrl-C must restore it. max_file_size caps
+    every file the script writes (RLIMIT_FSIZE), as a disk that fills up mid-download does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if max_file_size is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
 
 
 def the_error(result: Result, code: int = 1) -> str:
@@ -114,11 +156,6 @@ def the_error(result: Result, code: int = 1) -> str:
     assert len(errors) == 1, result.stderr
     assert result.stdout == b""
     return errors[0]
-
-
-def limit_file_size(size: int) -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def environment_for(hub: Hub | None, home: Path) -> dict[str, str]:

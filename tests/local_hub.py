@@ -8,11 +8,13 @@ carry the `X-Error-Code` header that huggingface_hub turns into typed errors. Th
 so the client stops at the redirect and reads the metadata from it. Every request is recorded in
 `requests`.
 
-Faults to inject: `throttle` (bytes per second for file bodies), `drop_after` (the next body from offset 0
-stops after that many bytes and the connection closes), `hang` (accept every connection, never answer).
+Faults to inject, only inside `with hub.faults(...)` so that none outlives its test: `throttle` (bytes per
+second for file bodies), `drop_after` (the next body from offset 0 stops after that many bytes and the
+connection closes), `hang` (accept every connection, never answer).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
@@ -20,6 +22,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the hub stores files this big (and every *.gguf) in LFS
@@ -55,6 +58,15 @@ class Hub:
         for data in files.values():
             self.blobs[hashlib.sha256(data).hexdigest()] = data
         return repo
+
+    @contextlib.contextmanager
+    def faults(self, *, throttle: float = 0.0, drop_after: int | None = None, hang: bool = False) -> Iterator[None]:
+        """Misbehave as told inside the block; behave again when it ends, however it ends."""
+        self.throttle, self.drop_after, self.hang = throttle, drop_after, hang
+        try:
+            yield
+        finally:
+            self.throttle, self.drop_after, self.hang = 0.0, None, False
 
     def start(self) -> "Hub":
         hub = self

@@ -1,7 +1,7 @@
 """--chat: a conversation at `>>> `, driven through a pipe and through a pseudo-terminal.
 
-With the crafted model every reply is "puck ..." unless the repeat penalty, whose window now spans the
-whole conversation, turns a word into "goal".
+With the crafted model every reply is "puck ..." unless the repeat penalty, whose window runs on across the
+model's own replies (never the user's words), turns a word into "goal".
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import select
 import sys
 import time
 
-from conftest import SCRIPT, console, crafted, environment_for
+from conftest import SCRIPT, as_a_user, console, crafted, environment_for
 
 
 def chat(hub, home, lines: list[str], **settings):
@@ -51,11 +51,16 @@ def test_set_changes_sampling_mid_conversation(hub, warm_home):
     assert "repeat_penalty = 1.5" in result.stderr
 
 
+def test_the_users_words_are_not_in_the_penalty_window(hub, warm_home):
+    result = chat(hub, warm_home, ["puck puck goal"], repeat_penalty=1.5)
+    assert result.stdout == b"puck goal puck\n"
+
+
 def test_set_refuses_a_bad_value_and_the_conversation_goes_on(hub, warm_home):
     result = chat(hub, warm_home, ["/set temperature -3", "/set top_p 7", "/set bogus 1", "/set seed x", "hello"])
     assert result.returncode == 0, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 4 and "temperature must be" in errors[0] and "top-p must be" in errors[1]
+    assert len(errors) == 4 and "temperature must be" in errors[0] and "top_p must be" in errors[1]
     assert result.stdout == b"puck puck puck\n"
 
 
@@ -111,7 +116,9 @@ class Terminal:
     def __init__(self, hub, home, *args: str):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: exec the script with the terminal as its controlling tty
-            os.execve(sys.executable, [sys.executable, str(SCRIPT), *args], environment_for(hub, home))
+            as_a_user()
+            os.execve(sys.executable, [sys.executable, str(SCRIPT), *args],
+                      {**environment_for(hub, home), "TERM": "xterm"})
         self.seen = b""
         self.cursor = 0
 

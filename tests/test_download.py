@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import MODEL_FILE, MODEL_REPO, TOKENIZER_REPO, console, crafted
+from conftest import MODEL_FILE, MODEL_REPO, PENALISED, TOKENIZER_REPO, console, crafted
 
 
 def cached_files(home: Path) -> set[str]:
@@ -13,8 +13,8 @@ def cached_files(home: Path) -> set[str]:
 def test_first_run_downloads_both_files_with_the_default_settings(hub, tmp_path):
     result = console("--temperature", "0", "--sample-len", "3", hub=hub, home=tmp_path)
     assert result.returncode == 0, result.stderr
-    # The local hub serves the crafted model under the real names; the default penalty 1.2 > 10/9 brings "goal".
-    assert result.stdout == b"puck goal puck\n"
+    # The local hub serves the crafted model under the real names, so the default penalty applies.
+    assert result.stdout == PENALISED
     fetched = {path for method, path in hub.requests if method == "GET"}
     assert f"/{TOKENIZER_REPO}/resolve/main/tokenizer.json" in fetched
     assert any(path.startswith("/cdn/") for path in fetched)  # the GGUF comes from the CDN, like the real one
@@ -58,9 +58,9 @@ def test_only_the_missing_file_is_downloaded(hub, tmp_path, warm_home):
 
 def test_a_pinned_commit_is_served_from_the_cache_too(hub, tmp_path):
     commit = hub.repos[MODEL_REPO].commit
-    first = console("--revision", commit, "--temperature", "0", "--sample-len", "2", hub=hub, home=tmp_path)
+    first = console("--model-revision", commit, "--temperature", "0", "--sample-len", "2", hub=hub, home=tmp_path)
     assert first.returncode == 0, first.stderr
     hub.requests.clear()
-    again = console("--revision", commit, "--temperature", "0", "--sample-len", "2", hub=None, home=tmp_path)
+    again = console("--model-revision", commit, "--temperature", "0", "--sample-len", "2", hub=None, home=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout == b"puck goal\n"  # the default repeat penalty is on

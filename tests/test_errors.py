@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import CRAFTED, SCRIPT, console, crafted, environment_for, the_error
+from conftest import CRAFTED, SCRIPT, console, crafted, environment_for, start, the_error
 
 
 BAD_SETTINGS = [
@@ -33,7 +33,9 @@ BAD_SETTINGS = [
     ("--gpu-layers", "-2"),
     ("--ctx", "0"),
     ("--model-file", ""),
-    ("--revision", "  "),
+    ("--model-revision", "  "),
+    ("--tokenizer-revision", ""),
+    ("--system", " "),
     ("--no-such-flag", "1"),
 ]
 
@@ -69,7 +71,8 @@ def test_a_long_reply_stops_when_the_context_is_full_and_says_so(hub, warm_home)
 @pytest.mark.parametrize("args,expected", [
     (("--model-repo", "nobody/no-such-model"), "repository nobody/no-such-model not found"),
     (("--model-file", "no-such-file.gguf"), "no-such-file.gguf not found in"),
-    (("--revision", "v999"), "revision 'v999' not found"),
+    (("--model-revision", "v999"), "revision 'v999' not found"),
+    (("--tokenizer-revision", "v998"), "revision 'v998' not found"),
     (("--model-repo", "phi-console-tests/gated"), "HF_TOKEN"),
     (("--tokenizer-repo", "nobody/no-such-tokenizer"), "repository nobody/no-such-tokenizer not found"),
 ])
@@ -113,10 +116,7 @@ def test_a_tokenizer_that_is_not_json_is_refused(hub, warm_home):
 
 def stream_then_signal(hub, home, signum: int) -> tuple[int, bytes, str]:
     """Start a long reply, wait until text is streaming, then send a signal."""
-    env = environment_for(hub, home)
-    args = crafted(sample_len=4000)
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = start(*crafted(sample_len=4000), hub=hub, home=home)
     first = process.stdout.read(20)  # blocks until the reply is streaming
     process.send_signal(signum)
     started = time.monotonic()

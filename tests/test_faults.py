@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_FILE, MODEL_REPO, SCRIPT, TOKENIZER_REPO, console, crafted, environment_for, the_error
+from conftest import MODEL_FILE, MODEL_REPO, PENALISED, TOKENIZER_REPO, console, crafted, start, the_error
 
 
 def cached(home: Path, repo: str, name: str) -> Path:
@@ -44,7 +43,7 @@ def test_a_damaged_cached_model_is_noticed_and_downloaded_again(hub, tmp_path, d
     hub.requests.clear()
     result = default_run(hub, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b"puck goal puck\n"
+    assert result.stdout == PENALISED
     assert "damaged" in result.stderr and "downloading it again" in result.stderr
     assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == original
     assert any(path.startswith("/cdn/") for _, path in hub.requests)
@@ -70,7 +69,7 @@ def test_offline_a_damaged_cache_is_refused_with_the_way_to_repair_it(hub, tmp_p
 
 
 def runs_normally(hub, home: Path) -> bool:
-    return default_run(hub, home).stdout == b"puck goal puck\n"
+    return default_run(hub, home).stdout == PENALISED
 
 
 def test_a_verified_file_is_not_hashed_again_on_every_run(hub, tmp_path):
@@ -84,9 +83,7 @@ def test_a_verified_file_is_not_hashed_again_on_every_run(hub, tmp_path):
 
 
 def start_download(hub, home: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), "--temperature", "0", "--sample-len", "3", *args],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=environment_for(hub, home))
+    return start("--temperature", "0", "--sample-len", "3", *args, hub=hub, home=home)
 
 
 def wait_for_partial_file(home: Path, at_least: int, timeout: float = 20) -> None:
@@ -100,30 +97,24 @@ def wait_for_partial_file(home: Path, at_least: int, timeout: float = 20) -> Non
 
 @pytest.mark.parametrize("killed_at", [0, 1 << 20, 9 << 20])
 def test_a_download_killed_at_any_moment_is_completed_by_the_next_run(hub, tmp_path, killed_at):
-    hub.throttle = 4 << 20  # the 12 MB model takes about 3 s
-    try:
+    with hub.faults(throttle=4 << 20):  # the 12 MB model takes about 3 s
         process = start_download(hub, tmp_path)
         wait_for_partial_file(tmp_path, killed_at)
         process.kill()  # SIGKILL: no chance to clean up, like a power cut
         process.wait()
-    finally:
-        hub.throttle = 0
     result = default_run(hub, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b"puck goal puck\n"
+    assert result.stdout == PENALISED
     assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == hub.repos[MODEL_REPO].files[MODEL_FILE]
     assert leftovers(tmp_path) == []  # the killed run's partial file is gone too
 
 
 def test_ctrl_c_during_a_download_leaves_a_usable_cache(hub, tmp_path):
-    hub.throttle = 4 << 20
-    try:
+    with hub.faults(throttle=4 << 20):
         process = start_download(hub, tmp_path)
         wait_for_partial_file(tmp_path, 1 << 20)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=10)
-    finally:
-        hub.throttle = 0
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     assert leftovers(tmp_path) == []
@@ -131,22 +122,19 @@ def test_ctrl_c_during_a_download_leaves_a_usable_cache(hub, tmp_path):
 
 
 def test_a_connection_dropped_mid_body_is_resumed_within_the_run(hub, tmp_path):
-    hub.drop_after = 3 << 20
-    result = default_run(hub, tmp_path)
+    with hub.faults(drop_after=3 << 20):
+        result = default_run(hub, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b"puck goal puck\n"
+    assert result.stdout == PENALISED
     assert len([path for _, path in hub.requests if path.startswith("/cdn/")]) == 2  # the second one resumes
     assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == hub.repos[MODEL_REPO].files[MODEL_FILE]
 
 
 def test_a_hub_that_never_answers_is_reported_within_the_timeout(hub, tmp_path):
-    hub.hang = True
-    try:
+    with hub.faults(hang=True):
         started = time.monotonic()
         result = default_run(hub, tmp_path, env={"HF_HUB_ETAG_TIMEOUT": "2"})
         elapsed = time.monotonic() - started
-    finally:
-        hub.hang = False
     line = the_error(result)
     assert "did not answer within 2 s" in line
     assert elapsed < 8

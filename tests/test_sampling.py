@@ -1,7 +1,7 @@
 """What the reply looks like: each sampling setting does exactly what it says, and nothing else.
 
 The crafted model gives "puck" the logit 10 and "goal" the logit 9 at every position; every other
-token has logit 0 (see phi3_models.py). The prompts never contain either word.
+token has logit 0 (see phi3_models.py). The repeat penalty looks only at the reply, never the prompt.
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_verbose_shows_llama_cpp_log(hub, warm_home):
     assert "llama_model_loader" in result.stderr or "print_info" in result.stderr
 
 
-def test_the_repeat_window_covers_the_prompt(hub, warm_home):
-    # " puck" in the prompt is already in the window, so the first word is "goal".
-    result = console(*crafted(prompt="say puck", repeat_penalty=1.5, sample_len=2), hub=hub, home=warm_home)
-    assert words(result) == ["goal", "puck"]
+def test_the_repeat_window_covers_the_reply_not_the_prompt(hub, warm_home):
+    # As in the seed: asking about "puck" does not push "puck" down; once the reply has said it, it does.
+    result = console(*crafted(prompt="say puck puck goal", repeat_penalty=1.5, sample_len=3), hub=hub, home=warm_home)
+    assert words(result) == ["puck", "goal", "puck"]
