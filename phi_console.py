@@ -21,10 +21,12 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -100,7 +102,7 @@ SETTINGS: dict[str, tuple[type, bool, Callable[[Any], bool], str, str]] = {
                            "revision of the tokenizer's repo"),
 }
 DEFAULTS = {name: globals()[name.upper()] for name in SETTINGS}  # each setting's constant, by its name
-CHAT_SETTINGS = ("temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
+CHAT_SETTINGS = ("system", "temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
 
 TOKENIZER_FILE = "tokenizer.json"  # the file in TOKENIZER_REPO that lists Phi-3's special tokens
 TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is a few MB; a bigger file is refused rather than parsed into memory
@@ -143,6 +145,7 @@ def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
             parser.add_argument(*flags, type=lambda text, name=name: read_value(name, text),
                                 metavar={int: "N", float: "X"}.get(kind, "TEXT"), default=argparse.SUPPRESS,
                                 help=shown)
+    parser.add_argument("--load", metavar="FILE", help="continue a conversation saved with /save (implies --chat)")
     parser.add_argument("-q", "--quiet", action="store_true", help="stderr shows errors only")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
     given = vars(parser.parse_args(argv))
@@ -393,6 +396,13 @@ def check_model(model: "llama_cpp.llama_model_p", specials: dict[str, int], *, n
                  "the model and tokenizer files do not belong together")
 
 
+def identity(model_path: str) -> dict[str, str]:
+    """What a saved KV state depends on: the model's exact bytes (the cache names the file by its hash) and the build."""
+    blob = os.path.realpath(model_path)
+    build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build}
+
+
 def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, batch: int,
                 gpu: bool) -> "llama_cpp.llama_context_p":
     params = llama_cpp.llama_context_default_params()
@@ -430,6 +440,11 @@ def user_turn(vocab: "llama_cpp.llama_vocab_p", text: str, specials: dict[str, i
             *tokenize(vocab, "\n", add_bos=False), specials["<|assistant|>"]]
 
 
+def with_system(system: Optional[str], text: str) -> str:
+    """Phi-3-mini-4k's chat format has no system role: its instructions open the first message instead."""
+    return f"{system}\n\n{text}" if system else text
+
+
 def evaluate(ctx: "llama_cpp.llama_context_p", tokens: list[int]) -> None:
     """Feed tokens to the model a batch at a time; only the last one's logits are kept."""
     batch = llama_cpp.llama_n_batch(ctx)
@@ -458,6 +473,17 @@ def make_sampler(*, n_vocab: int, temperature: float, top_p: Optional[float], re
     for link in links:
         llama_cpp.llama_sampler_chain_add(chain, link)
     return chain
+
+
+def sampler_for(vocab: "llama_cpp.llama_vocab_p", settings: dict[str, Any], *,
+                window: list[int]) -> "llama_cpp.llama_sampler_p":
+    """The sampler the settings describe, its repeat-penalty window primed with the reply tokens so far."""
+    seed = random.SystemRandom().randint(0, MAX_SEED) if settings["seed"] is None else settings["seed"]
+    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
+                           **{k: settings[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
+    for token in window[-settings["repeat_last_n"]:] if settings["repeat_last_n"] else []:
+        llama_cpp.llama_sampler_accept(sampler, token)
+    return sampler
 
 
 def token_bytes(vocab: "llama_cpp.llama_vocab_p", token: int, *, first: bool) -> bytes:
@@ -494,15 +520,18 @@ def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "l
             fail("llama.cpp failed to evaluate a token")
 
 
-def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float]) -> None:
-    """Print the reply as it comes, ending the line even when interrupted; note each token and its time."""
+def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float],
+         text: Optional[list[str]] = None) -> None:
+    """Print the reply as it comes, ending the line even when interrupted; note each token, its time and text."""
     out = sys.stdout.buffer
     try:
-        for token, text in pieces:
+        for token, piece in pieces:
             stamps.append(time.perf_counter())
             tokens.append(token)
-            if text:
-                out.write(text.encode("utf-8"))
+            if text is not None:
+                text.append(piece)
+            if piece:
+                out.write(piece.encode("utf-8"))
                 out.flush()
     finally:
         out.write(b"\n")
@@ -517,7 +546,7 @@ def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[st
              context: dict[str, Any], sampling: dict[str, Any], started: float, quiet: bool, verbose: bool) -> int:
     """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr."""
     vocab = llama_cpp.llama_model_get_vocab(model)
-    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials)
+    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, with_system(sampling["system"], prompt), specials)
     if len(tokens) >= n_ctx:
         fail(f"the prompt is {len(tokens)} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx",
              code=2)
@@ -528,8 +557,7 @@ def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[st
     ctx = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
     loaded = time.perf_counter()
     seed = random.SystemRandom().randint(0, MAX_SEED) if sampling["seed"] is None else sampling["seed"]
-    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
-                           **{k: sampling[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
+    sampler = sampler_for(vocab, {**sampling, "seed": seed}, window=[])
     reply: list[int] = []
     stamps: list[float] = []
     show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
@@ -546,131 +574,307 @@ def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[st
 # ---------------------------------------------------------------------------------------------
 # Chat: a conversation whose history stays in the KV cache, so each turn evaluates only its new tokens
 # ---------------------------------------------------------------------------------------------
+SAVED_FORMAT = "phi-console conversation 1"  # the "format" of a /save file; other files are refused
+SAVED_REPLY_TOKENS = 4096  # the most recent reply tokens a /save keeps for the repeat penalty's window
+COMMANDS = {  # what a chat understands, for /help; the settings /set takes are listed after /set
+    "/set NAME VALUE": "change a setting (system starts the conversation over):",
+    "/show": "the current settings and how much of the context is used",
+    "/save FILE": "write the conversation to FILE (JSON) and llama.cpp's state of it to FILE.state",
+    "/load FILE": "continue a saved conversation, without evaluating it again",
+    "/reset": "forget the conversation",
+    "/stats": "speed of the last reply",
+    "/help": "this list",
+    "/bye": 'leave (so does Ctrl-D); Ctrl-C stops a reply; a line of just """ starts and ends a message of many lines',
+}
+
+
+class Conversation:
+    """A chat's record and the KV cache that holds it, kept in agreement.
+
+    Position i of the cache holds tokens[i]. exchanges[k] is where the k-th remembered exchange (a message and
+    its reply) starts in tokens; `pending` ends the last reply and goes into the cache with the next message.
+    `replies` holds every token the model said, newest last: the repeat penalty's window. Every change to the
+    record and the cache runs with Ctrl-C held back, so the two always agree.
+    """
+
+    def __init__(self, ctx: "llama_cpp.llama_context_p", *, specials: dict[str, int], n_ctx: int,
+                 settings: dict[str, Any], identity: dict[str, str], quiet: bool) -> None:
+        self.ctx, self.specials, self.n_ctx, self.settings = ctx, specials, n_ctx, settings
+        self.identity, self.quiet, self.sampler, self.stats = identity, quiet, None, "no reply yet"
+        self.vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.stop_ids = {specials[name] for name in STOP_TOKENS}
+        self.reply_end = [specials["<|end|>"], *tokenize(self.vocab, "\n", add_bos=False)]
+        self.reset()
+
+    def reset(self) -> str:
+        """Forget everything said; the settings stay."""
+        with uninterrupted():
+            llama_cpp.llama_memory_clear(self.memory, True)
+            self.tokens: list[int] = []
+            self.exchanges: list[int] = []
+            self.pending: list[int] = []
+            self.replies: list[int] = []
+            self.messages: list[dict[str, str]] = []
+        self.new_sampler()
+        return "the conversation is forgotten"
+
+    def new_sampler(self) -> None:
+        """A sampler for the current settings, whose penalty window carries on over the replies so far."""
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+        self.sampler = sampler_for(self.vocab, self.settings, window=self.replies)
+
+    def change(self, name: str, text: str) -> str:
+        """/set: a new value for a setting, checked like a flag's."""
+        if name not in CHAT_SETTINGS:
+            raise ValueError(f"/set takes one of {', '.join(CHAT_SETTINGS)} (got {name!r})")
+        try:
+            self.settings[name] = read_value(name, text)
+        except argparse.ArgumentTypeError as wrong:
+            raise ValueError(f"{name} {wrong}") from None
+        if name == "system":  # it belongs at the start of the conversation, so the conversation starts over
+            return f"{name} = {self.settings[name]!r}; {self.reset()}"
+        self.new_sampler()
+        return f"{name} = {self.settings[name]!r}"
+
+    def show(self) -> str:
+        return "".join(f"{name} = {self.settings[name]!r}\n" for name in CHAT_SETTINGS) + \
+            f"context: {len(self.tokens)} of {self.n_ctx} tokens used"
+
+    def make_room(self, turn: int) -> Optional[int]:
+        """Forget the oldest exchanges until a message of `turn` tokens and a full reply fit; how many were forgotten.
+
+        The exchange that carries the system prompt is kept. None, and nothing forgotten, if the message cannot fit.
+        """
+        keep = 1 if self.settings["system"] and self.exchanges else 0
+        least = 1 if not keep else self.exchanges[1] if len(self.exchanges) > 1 else len(self.tokens) + len(self.pending)
+        if least + turn > self.n_ctx:
+            return None
+        forgotten = 0
+        while len(self.exchanges) > keep and \
+                len(self.tokens) + len(self.pending) + turn + self.settings["sample_len"] > self.n_ctx:
+            start = self.exchanges[keep]
+            stop = self.exchanges[keep + 1] if len(self.exchanges) > keep + 1 else len(self.tokens)
+            with uninterrupted():
+                llama_cpp.llama_memory_seq_rm(self.memory, 0, start, stop)  # forget the exchange ...
+                llama_cpp.llama_memory_seq_add(self.memory, 0, stop, -1, start - stop)  # ... and slide the rest down
+                del self.tokens[start:stop]
+                if len(self.exchanges) == keep + 1:
+                    self.pending = []  # the end of a forgotten reply goes with it
+                self.exchanges[keep:] = [at - (stop - start) for at in self.exchanges[keep + 1:]]
+            forgotten += 1
+        return forgotten
+
+    def answer(self, text: str) -> None:
+        """Reply to a message on stdout. Ctrl-C stops the reply; what was said stays said."""
+        content = with_system(self.settings["system"], text) if not self.tokens else text
+        turn = user_turn(self.vocab, content, self.specials)
+        forgotten = self.make_room(len(turn))
+        if forgotten is None:
+            raise ValueError(f"that message is {len(turn)} tokens and the context holds {self.n_ctx}; send a shorter "
+                             "one (or /reset, or start with a larger --ctx)")
+        if forgotten:
+            note(f"note: forgot the oldest {forgotten} exchange(s) to make room in the {self.n_ctx}-token context",
+                 quiet=self.quiet)
+        prompt = (tokenize(self.vocab, "", add_bos=True) if not self.tokens else []) + self.pending + turn
+        room = min(self.settings["sample_len"], self.n_ctx - len(self.tokens) - len(prompt) + 1)
+        llama_cpp.llama_perf_context_reset(self.ctx)  # its counters read max(1, n): a difference would be off by one
+        asked = time.perf_counter()
+        sampled: list[int] = []
+        stamps: list[float] = []
+        said: list[str] = []
+        try:
+            show(generate(self.ctx, prompt=prompt, sampler=self.sampler, stop_ids=self.stop_ids,
+                          hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled, stamps=stamps,
+                 text=said)
+        except KeyboardInterrupt:
+            note("(stopped)", quiet=self.quiet)
+        self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said))
+        evaluated = llama_cpp.llama_perf_context(self.ctx).n_p_eval
+        self.stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after "
+                      f"{stamps[0] - asked if stamps else 0.0:.2f} s | {len(sampled)} tokens, "
+                      f"{speed(len(sampled) - 1, stamps[-1] - stamps[0] if stamps else 0)} | "
+                      f"context {len(self.tokens)} of {self.n_ctx} tokens")
+
+    def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str) -> None:
+        """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
+        with uninterrupted():
+            self.exchanges.append(len(self.tokens) + len(prompt) - turn)
+            kept = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
+            ended = bool(sampled) and sampled[-1] in self.stop_ids  # never evaluated; the format's own end follows
+            everything = self.tokens + prompt + (sampled[:-1] if ended else sampled)
+            self.tokens, self.pending = everything[:kept], everything[kept:] + self.reply_end
+            self.replies += sampled
+            self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+
+    def save(self, path: Path) -> str:
+        """/save: the conversation as JSON at `path`, and llama.cpp's state of the cache beside it."""
+        state = path.with_name(path.name + ".state")
+        with uninterrupted():
+            try:
+                written = llama_cpp.llama_state_seq_save_file(
+                    self.ctx, str(state).encode(), 0, (llama_cpp.llama_token * len(self.tokens))(*self.tokens),
+                    len(self.tokens))
+                if not written:
+                    raise OSError(f"llama.cpp could not write {state}")
+                record = {"format": SAVED_FORMAT, "settings": self.settings, "messages": self.messages,
+                          "context": {"tokens": self.tokens, "exchanges": self.exchanges, "pending": self.pending,
+                                      "replies": self.replies[-SAVED_REPLY_TOKENS:]},
+                          "state": {"file": state.name, "sha256": file_sha256(state), **self.identity}}
+                text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
+                write_whole(path, re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text) + "\n")
+            except OSError as error:
+                raise ValueError(f"could not save to {path}: {error.strerror or error}") from None
+        return f"saved {len(self.messages) // 2} exchange(s) to {path} (and {state.name})"
+
+    def load(self, path: Path) -> str:
+        """/load: continue a saved conversation; its state is restored if it can be trusted, else re-evaluated."""
+        saved = read_saved(path, n_vocab=llama_cpp.llama_vocab_n_tokens(self.vocab), n_ctx=self.n_ctx)
+        self.settings.update(saved["settings"])
+        self.reset()
+        context = saved["context"]
+        distrust = self.restore(path.with_name(Path(saved["state"]["file"]).name), saved["state"], context["tokens"])
+        if distrust:
+            note(f"note: not using {saved['state']['file']} ({distrust}); evaluating the conversation again",
+                 quiet=self.quiet)
+            try:
+                evaluate(self.ctx, context["tokens"])
+            except KeyboardInterrupt:
+                self.reset()
+                raise ValueError("loading was stopped; the conversation starts empty") from None
+        with uninterrupted():
+            self.tokens, self.exchanges, self.pending = context["tokens"], context["exchanges"], context["pending"]
+            self.replies, self.messages = context["replies"], saved["messages"]
+        self.new_sampler()
+        return f"loaded {len(self.messages) // 2} exchange(s) from {path}: {len(self.tokens)} tokens of context"
+
+    def restore(self, state: Path, facts: dict[str, Any], tokens: list[int]) -> Optional[str]:
+        """Load llama.cpp's saved state of the cache, if it is the one saved for these tokens; else why not."""
+        if any(facts.get(key) != value for key, value in self.identity.items()):
+            return "it was saved by another model file or llama.cpp build"
+        try:
+            if file_sha256(state) != facts.get("sha256"):
+                return "it has changed since it was saved"
+        except OSError as error:
+            return error.strerror or str(error)
+        out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
+        with uninterrupted():
+            read = llama_cpp.llama_state_seq_load_file(self.ctx, str(state).encode(), 0, out, len(tokens),
+                                                       ctypes.byref(count))
+            if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1 == len(tokens):
+                return None
+            llama_cpp.llama_memory_clear(self.memory, True)
+        return "llama.cpp could not restore it"
+
+
+def read_saved(path: Path, *, n_vocab: int, n_ctx: int) -> dict[str, Any]:
+    """A /save file, checked whole before anything is changed; ValueError says what is wrong with it."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        context = saved["context"]
+        tokens, exchanges, pending = context["tokens"], context["exchanges"], context["pending"]
+        settings = {name: saved["settings"][name] for name in CHAT_SETTINGS}
+        ok = (saved["format"] == SAVED_FORMAT and isinstance(saved["state"]["file"], str)
+              and all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens + pending + context["replies"])
+              and all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in saved["messages"])
+              and exchanges == sorted(exchanges) and all(isinstance(e, int) and 0 < e <= len(tokens) + len(pending)
+                                                         for e in exchanges)
+              and not any(problem(name, value) for name, value in settings.items()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"cannot load {path}: {getattr(error, 'strerror', None) or error}") from None
+    if not ok:
+        raise ValueError(f"cannot load {path}: it is not a conversation saved by phi_console.py")
+    if len(tokens) + len(pending) >= n_ctx:
+        raise ValueError(f"{path} holds {len(tokens) + len(pending)} tokens and the context holds {n_ctx}; "
+                         "start with a larger --ctx")
+    return {**saved, "settings": settings}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a crash mid-write leaves the old one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def command(talk: Conversation, line: str) -> str:
+    """Run one /command; its answer is for stderr. ValueError: what was wrong with it."""
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    needs = {"/set": "NAME VALUE", "/save": "FILE", "/load": "FILE"}
+    if name in needs and not argument or name not in needs and argument:
+        raise ValueError(f"{name} takes {needs.get(name, 'nothing')} (got {line!r}); /help lists the commands")
+    if name == "/set":
+        return talk.change(*argument.partition(" ")[::2])
+    actions = {"/show": talk.show, "/reset": talk.reset, "/stats": lambda: talk.stats, "/help": chat_help,
+               "/save": lambda: talk.save(Path(argument)), "/load": lambda: talk.load(Path(argument))}
+    if name not in actions:
+        raise ValueError(f"unknown command {name!r}; /help lists the commands")
+    return actions[name]()
+
+
 def chat_help() -> str:
-    """/help's text: the commands, and the settings /set can change (from SETTINGS)."""
-    names = "".join(f"\n    {name:<16}{SETTINGS[name][4]} ({SETTINGS[name][3]})" for name in CHAT_SETTINGS)
-    return ("commands:\n  /set NAME VALUE   change a setting:" + names + "\n"
-            "  /show             the current settings and how much of the context is used\n"
-            "  /reset            forget the conversation\n"
-            "  /stats            speed of the last reply\n"
-            "  /help             this list\n"
-            "  /bye              leave (so does Ctrl-D); Ctrl-C stops a reply")
+    lines = [f"  {usage:<17} {meaning}" for usage, meaning in COMMANDS.items()]
+    settings = [f"      {name:<15} {SETTINGS[name][4]} ({SETTINGS[name][3]})" for name in CHAT_SETTINGS]
+    return "\n".join(["commands:", lines[0], *settings, *lines[1:]])
+
+
+def typed_messages(interactive: bool) -> Iterator[str]:
+    """Each message typed at `>>> `, until Ctrl-D or the end of piped input.
+
+    A line of just \"\"\" starts a message of many lines and the next such line ends it. At a terminal, a
+    pasted block is one message too (readline's bracketed paste). Ctrl-C at the prompt explains how to leave.
+    """
+    prompt, more = (">>> ", "... ") if interactive else ("", "")
+    while True:
+        try:
+            line = input(prompt)
+            if line.strip() == '"""':
+                block = []
+                while (line := input(more)).strip() != '"""':
+                    block.append(line)
+                line = "\n".join(block)
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            sys.stderr.write("\n(to leave, type /bye or press Ctrl-D)\n")
+            continue
+        if line.strip():
+            yield line.strip()
 
 
 def chat(model: "llama_cpp.llama_model_p", *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
-         sampling: dict[str, Any], quiet: bool) -> int:
-    """Talk at `>>> ` until /bye or end of input; replies go to stdout, everything else to stderr."""
-    ctx = new_context(model, n_ctx=n_ctx, batch=BATCH, **context)
-    stop_ids = {specials[name] for name in STOP_TOKENS}
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    memory = llama_cpp.llama_get_memory(ctx)
-    end, newline = specials["<|end|>"], tokenize(vocab, "\n", add_bos=False)
-    bos = tokenize(vocab, "", add_bos=True)
+         sampling: dict[str, Any], identity: dict[str, str], load: Optional[str], quiet: bool) -> int:
+    """Talk at `>>> ` until /bye or the end of input; replies go to stdout, everything else to stderr."""
+    talk = Conversation(new_context(model, n_ctx=n_ctx, batch=BATCH, **context), specials=specials, n_ctx=n_ctx,
+                        settings=sampling, identity=identity, quiet=quiet)
     interactive = sys.stdin.isatty()
     if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-    history: list[int] = []  # the tokens in the KV cache: position i holds history[i]
-    turns: list[int] = []  # where each exchange starts in history
-    pending: list[int] = []  # the end of the last reply, said but not yet in the cache
-    replies: list[int] = []  # the model's own tokens, newest last: what the repeat penalty looks at
-    last_stats = "no reply yet"
-
-    def new_sampler() -> "llama_cpp.llama_sampler_p":
-        seed = sampling["seed"] if sampling["seed"] is not None else random.SystemRandom().randint(0, MAX_SEED)
-        sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
-                               **{k: sampling[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
-        for token in replies[-sampling["repeat_last_n"]:] if sampling["repeat_last_n"] else []:
-            llama_cpp.llama_sampler_accept(sampler, token)  # the penalty window carries on over the replies
-        return sampler
-
-    sampler = new_sampler()
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing, history and bracketed paste for input())
     note("chatting with the model: /help lists commands, /bye or Ctrl-D leaves", quiet=quiet)
-    while True:
+    for line in itertools.chain([f"/load {load}"] if load else [], typed_messages(interactive)):
         try:
-            line = input(">>> " if interactive else "").strip()
-            if not line:
-                continue
-            if line.startswith("/"):
-                command, *args = line.split()
-                if command == "/bye":
-                    return 0
-                elif command == "/help":
-                    sys.stderr.write(chat_help() + "\n")
-                elif command == "/show":
-                    sys.stderr.write("".join(f"{k} = {sampling[k]}\n" for k in CHAT_SETTINGS)
-                                     + f"context: {len(history)} of {n_ctx} tokens used\n")
-                elif command == "/stats":
-                    sys.stderr.write(last_stats + "\n")
-                elif command == "/reset":
-                    with uninterrupted():
-                        llama_cpp.llama_memory_clear(memory, True)
-                        history, turns, pending, replies = [], [], [], []
-                        sampler = new_sampler()
-                    sys.stderr.write("the conversation is forgotten\n")
-                elif command == "/set" and len(args) == 2 and args[0] in CHAT_SETTINGS:
-                    name = args[0]
-                    try:
-                        value = read_value(name, args[1])
-                    except argparse.ArgumentTypeError as wrong:
-                        sys.stderr.write(f"error: {name} {wrong}\n")
-                        continue
-                    sampling[name] = value
-                    sampler = new_sampler()
-                    sys.stderr.write(f"{name} = {value}\n")
-                else:
-                    sys.stderr.write(f"error: unknown command or wrong arguments: {line!r}; /help lists the commands\n")
-                continue
-
-            message = user_turn(vocab, line, specials)
-            if len(bos) + len(message) >= n_ctx:
-                sys.stderr.write(f"error: that message is {len(message)} tokens and the context holds {n_ctx}; "
-                                 "send a shorter one (or start with a larger --ctx)\n")
-                continue
-            dropped = 0
-            with uninterrupted():
-                while turns and len(history) + len(pending) + len(message) + sampling["sample_len"] > n_ctx:
-                    start, stop = turns[0], turns[1] if len(turns) > 1 else len(history)
-                    llama_cpp.llama_memory_seq_rm(memory, 0, start, stop)  # forget the oldest exchange ...
-                    llama_cpp.llama_memory_seq_add(memory, 0, stop, -1, start - stop)  # ... and slide the rest down
-                    history = history[:start] + history[stop:]
-                    turns = [t - (stop - start) for t in turns[1:]]
-                    pending = pending if turns else []  # the end of a forgotten reply goes with it
-                    dropped += 1
-            if dropped:
-                note(f"note: forgot the oldest {dropped} exchange(s) to make room in the {n_ctx}-token context",
-                     quiet=quiet)
-            prompt = (bos if not history else []) + pending + message
-            room = min(sampling["sample_len"], n_ctx - len(history) - len(prompt) + 1)
-            before = llama_cpp.llama_perf_context(ctx).n_p_eval
-            asked = time.perf_counter()
-            sampled: list[int] = []
-            stamps: list[float] = []
-            try:
-                show(generate(ctx, prompt=prompt, sampler=sampler, stop_ids=stop_ids,
-                              hidden_ids=set(specials.values()), sample_len=room), tokens=sampled, stamps=stamps)
-            except KeyboardInterrupt:
-                note("(stopped)", quiet=quiet)
-            with uninterrupted():
-                # What was said stays said: the cache keeps what it evaluated, the rest goes in with the next turn.
-                turns.append(len(history) + len(prompt) - len(message))
-                replies += sampled
-                everything = history + prompt + sampled
-                kept = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
-                history = everything[:kept]
-                pending = [t for t in everything[kept:] if t not in stop_ids] + [end, *newline]
-            evaluated = llama_cpp.llama_perf_context(ctx).n_p_eval - before
-            first = stamps[0] - asked if stamps else 0.0
-            last_stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after {first:.2f} s | "
-                          f"{len(sampled)} tokens, "
-                          f"{speed(len(sampled) - 1, stamps[-1] - stamps[0] if stamps else 0)} | "
-                          f"context {len(history)} of {n_ctx} tokens")
-        except EOFError:
-            return 0
+            if line == "/bye":
+                return 0
+            if line.startswith("/") and "\n" not in line:
+                sys.stderr.write(command(talk, line) + "\n")
+            else:
+                talk.answer(line)
+        except ValueError as wrong:
+            sys.stderr.write(f"error: {wrong}\n")
         except KeyboardInterrupt:
             sys.stderr.write("\n(to leave, type /bye or press Ctrl-D)\n")
+    return 0
 
 
 @contextlib.contextmanager
@@ -686,12 +890,13 @@ def uninterrupted() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Main: settings -> download -> load -> prompt -> stream -> report
 # ---------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
-    prompt = None if settings.chat else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
+    prompt = None if settings.chat or settings.load else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     if quiet:
         disable_progress_bars()
@@ -711,8 +916,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     context = dict(threads=settings.threads or physical_cores(),
                    gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
     sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
-    if settings.chat:  # 4-6. prompt, stream and report, once or for every message
-        return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling, quiet=quiet)
+    if settings.chat or settings.load:  # 4-6. prompt, stream and report, once or for every message
+        return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
+                    identity=identity(model_path), load=settings.load, quiet=quiet)
     return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
                     started=started, quiet=quiet, verbose=verbose)
 

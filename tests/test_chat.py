@@ -5,12 +5,15 @@ model's own replies (never the user's words), turns a word into "goal".
 """
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
 import select
 import sys
 import time
+
+import pytest
 
 from conftest import SCRIPT, as_a_user, console, crafted, environment_for
 
@@ -178,3 +181,162 @@ def test_at_a_terminal_the_prompt_is_shown_and_bye_leaves(hub, warm_home):
     assert b"puck puck" in term.read_until(b">>> ")
     term.type(b"/bye\r")
     assert term.exit_code() == 0
+
+
+# --- messages of many lines, a system prompt, and conversations saved and loaded ---------------------------
+
+def stats(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("last reply")]
+
+
+def context_used(result) -> list[int]:
+    return [int(n) for n in re.findall(r"context: (\d+) of", result.stderr)]
+
+
+def test_a_triple_quoted_block_is_one_message(hub, warm_home):
+    block = chat(hub, warm_home, ['"""', "hello", "", "say something", '"""', "/stats"])
+    assert block.returncode == 0, block.stderr
+    assert block.stdout == b"puck puck puck\n"  # one reply for the three lines
+    joined = chat(hub, warm_home, ["hello say something", "/stats"])
+    # The block's two line breaks are in the message: it costs more tokens than the same words on one line.
+    assert evaluated(stats(block)[0]) > evaluated(stats(joined)[0])
+
+
+def test_the_system_prompt_opens_the_first_message_only(hub, warm_home):
+    plain = chat(hub, warm_home, ["hello", "/stats", "hello", "/stats"])
+    system = chat(hub, warm_home, ["hello", "/stats", "hello", "/stats"], system="say puck")
+    assert evaluated(stats(system)[0]) > evaluated(stats(plain)[0])  # its tokens are in the first prompt
+    assert evaluated(stats(system)[1]) == evaluated(stats(plain)[1])  # and only there
+
+
+def test_system_applies_to_one_shot_runs_too(hub, warm_home):
+    from test_settings import prompt_tokens
+
+    plain = console(*crafted(), hub=hub, home=warm_home)
+    system = console(*crafted(system="say puck"), hub=hub, home=warm_home)
+    assert prompt_tokens(system) > prompt_tokens(plain)
+    assert system.stdout == plain.stdout
+
+
+def test_set_system_starts_the_conversation_over(hub, warm_home):
+    result = chat(hub, warm_home, ["hello", "/set system be brief", "/show", "hello"], repeat_penalty=1.5)
+    assert result.returncode == 0, result.stderr
+    assert "the conversation is forgotten" in result.stderr and "system = 'be brief'" in result.stderr
+    assert context_used(result) == [0]
+    assert result.stdout == b"puck goal puck\npuck goal puck\n"  # the penalty window started over too
+
+
+def saved_conversation(hub, home, path, **settings):
+    """Two exchanges, then /show and /save: what a later process loads."""
+    result = chat(hub, home, ["hello", "say something", "/show", f"/save {path}"], **settings)
+    assert result.returncode == 0, result.stderr
+    assert path.exists() and path.with_name(path.name + ".state").exists()
+    return result
+
+
+def test_save_then_load_in_a_new_process_restores_the_context_without_evaluating_it(hub, warm_home, tmp_path):
+    saved = saved_conversation(hub, warm_home, tmp_path / "talk.json", repeat_penalty=1.5)
+    record = json.loads((tmp_path / "talk.json").read_text())
+    # The window runs on across replies: in the second, both words are already penalised, and puck wins again.
+    assert [m["content"] for m in record["messages"]] == ["hello", "puck goal puck", "say something", "puck puck puck"]
+    going_on = chat(hub, warm_home, ["hello", "say something", "hello", "/stats"], repeat_penalty=1.5)
+    loaded = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "/show", "hello", "/stats"], repeat_penalty=1.5)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "not using" not in loaded.stderr
+    assert context_used(loaded) == context_used(saved)  # /show: the same context use as before /save
+    # The next turn evaluates only its own tokens, as it would have in the first process, and says the same.
+    assert evaluated(stats(loaded)[0]) == evaluated(stats(going_on)[-1]) < 20
+    assert loaded.stdout == going_on.stdout.splitlines(keepends=True)[-1]
+
+
+def test_load_at_start_takes_the_saved_settings(hub, warm_home, tmp_path):
+    saved_conversation(hub, warm_home, tmp_path / "talk.json", temperature=0.5, seed=9)
+    result = console(*crafted(prompt=None), "--load", str(tmp_path / "talk.json"), hub=hub, home=warm_home,
+                     stdin=b"/show\n")
+    assert result.returncode == 0, result.stderr
+    assert "loaded 2 exchange(s)" in result.stderr and "temperature = 0.5" in result.stderr and "seed = 9" in result.stderr
+
+
+def test_a_damaged_state_is_not_trusted_and_the_conversation_is_evaluated_again(hub, warm_home, tmp_path):
+    saved_conversation(hub, warm_home, tmp_path / "talk.json", repeat_penalty=1.5, temperature=1, seed=3)
+    intact = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "hello", "/stats"], sample_len=40)
+    state = tmp_path / "talk.json.state"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    damaged = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "/show", "hello", "/stats"], sample_len=40)
+    assert damaged.returncode == 0, damaged.stderr
+    assert "not using talk.json.state" in damaged.stderr and "evaluating the conversation again" in damaged.stderr
+    assert damaged.stdout == intact.stdout  # the same cache, so the same reply for the same seed
+    assert evaluated(stats(damaged)[0]) > evaluated(stats(intact)[0])  # the history was evaluated again
+
+
+def test_a_state_saved_with_another_model_is_not_trusted(hub, warm_home, tmp_path):
+    saved = saved_conversation(hub, warm_home, tmp_path / "talk.json")
+    other = console(*crafted(model="end.gguf", prompt=None), "--chat", hub=hub, home=warm_home,
+                    stdin=f"/load {tmp_path / 'talk.json'}\n/show\n".encode())
+    assert other.returncode == 0, other.stderr
+    assert "saved by another model file" in other.stderr
+    assert context_used(other) == context_used(saved)  # the same conversation, evaluated again
+
+
+@pytest.mark.parametrize("content", [None, b"{ not json", b'{"format": "something else"}', b"[]"])
+def test_a_missing_or_malformed_file_is_one_error_and_the_conversation_goes_on(hub, warm_home, tmp_path, content):
+    path = tmp_path / "talk.json"
+    if content is not None:
+        path.write_bytes(content)
+    result = chat(hub, warm_home, ["hello", f"/load {path}", "/show", "say something"])
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot load" in errors[0] and "Traceback" not in result.stderr
+    assert context_used(result)[0] > 0  # the first exchange is still there
+    assert result.stdout == b"puck puck puck\npuck puck puck\n"
+
+
+def test_help_lists_every_command(hub, warm_home):
+    result = chat(hub, warm_home, ["/help"])
+    for command in ("/set", "/show", "/save", "/load", "/reset", "/stats", "/help", "/bye", '"""'):
+        assert command in result.stderr
+
+
+def replies_at_a_terminal(hub, home, keys: list[bytes]) -> bytes:
+    """Type each key sequence at the `>>> ` prompt, then leave; what the terminal showed."""
+    term = Terminal(hub, home, *crafted(prompt=None, sample_len=2), "--chat")
+    term.read_until(b">>> ")
+    for sequence in keys:
+        term.type(sequence)
+        time.sleep(0.3)
+    term.type(b"/stats\r")
+    shown = term.read_until(b"tokens evaluated")
+    term.type(b"/bye\r")
+    assert term.exit_code() == 0
+    return shown
+
+
+def test_at_a_terminal_a_triple_quoted_block_is_one_message(hub, warm_home):
+    shown = replies_at_a_terminal(hub, warm_home, [b'"""\r', b"hello\r", b"world\r", b'"""\r'])
+    assert b"... " in shown  # the block's own prompt
+    assert shown.count(b"puck puck") == 1
+
+
+def test_at_a_terminal_a_pasted_block_is_one_message(hub, warm_home):
+    # Terminals wrap a paste in ESC[200~ ... ESC[201~; readline then takes its line breaks as text.
+    shown = replies_at_a_terminal(hub, warm_home, [b"\x1b[200~hello\rworld\rsay something\x1b[201~", b"\r"])
+    assert shown.count(b"puck puck") == 1
+    # All three lines went in: "hello" alone is 9 tokens with the chat markers (see the Ctrl-C test above).
+    assert int(re.search(rb"(\d+) prompt tokens evaluated", shown).group(1)) >= 9 + 4
+
+
+def test_a_full_context_keeps_the_exchange_that_carries_the_system_prompt(hub, warm_home, tmp_path):
+    messages = [f"hello world number {i}" for i in range(30)]
+    result = console(*crafted(prompt=None, sample_len=8, system="say puck"), "--chat", "--ctx", "128", hub=hub,
+                     home=warm_home, stdin="".join(m + "\n" for m in [*messages, f"/save {tmp_path / 't.json'}"]).encode())
+    assert result.returncode == 0, result.stderr
+    assert "forgot the oldest" in result.stderr
+    record = json.loads((tmp_path / "t.json").read_text())
+    first = console(*crafted(prompt=None, sample_len=8, system="say puck"), "--chat", hub=hub, home=warm_home,
+                    stdin=f"{messages[0]}\n/save {tmp_path / 'first.json'}\n".encode())
+    assert first.returncode == 0, first.stderr
+    kept = json.loads((tmp_path / "first.json").read_text())["context"]["tokens"]
+    assert record["context"]["tokens"][: len(kept)] == kept  # the system prompt's exchange is still first
+    assert len(record["context"]["tokens"]) <= 128
