@@ -40,7 +40,8 @@ try:
     from huggingface_hub import constants as hub_constants
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub import errors as hub_errors
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.file_download import http_get, repo_folder_name
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars
     from huggingface_hub.utils import httpx as hub_httpx
     from huggingface_hub.utils import logging as hub_logging
 except ImportError as missing:
@@ -235,53 +236,118 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
         names = ", ".join(f"{repo}/{name}" for (repo, name, _), _ in missing)
         fail(f"{names} not in the cache and HF_HUB_OFFLINE is set; run once with a network connection")
     # One HEAD per file, without the library's retries: an unreachable hub is reported in seconds.
-    sizes = [hub_call(lambda: get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout),
-                      repo=repo, name=name, revision=revision, timeout=timeout).size or 0
-             for (repo, name, revision), _ in missing]
+    metas = [hub_call(lambda: get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout),
+                      repo=repo, name=name, revision=revision, timeout=timeout) for (repo, name, revision), _ in missing]
+    have = sum(partial_size(repo, name, meta) for ((repo, name, _), _), meta in zip(missing, metas))
+    needed = sum(meta.size or 0 for meta in metas) - have
     cache = Path(hub_constants.HF_HUB_CACHE)
     free = shutil.disk_usage(next(p for p in (cache, *cache.parents) if p.exists())).free
-    if sum(sizes) > free:
-        fail(f"the download needs {sum(sizes) / 1e9:.2f} GB in {cache}, but only {free / 1e9:.2f} GB is free; "
+    if needed > free:
+        fail(f"the download needs {needed / 1e9:.2f} GB in {cache}, but only {free / 1e9:.2f} GB is free; "
              "free some space, or set HF_HOME to a disk with room")
-    note(f"downloading {sum(sizes) / 1e9:.2f} GB into {cache} (once: later runs start from this cache)", quiet=quiet)
-    for ((repo, name, revision), i), size in zip(missing, sizes):
-        path = hub_call(lambda: hf_hub_download(repo, name, revision=revision, etag_timeout=timeout),
-                        repo=repo, name=name, revision=revision, timeout=timeout, size=size)
-        blob = Path(os.path.realpath(path))
-        for leftover in blob.parent.glob(f"{blob.name}.*.incomplete"):  # from runs that were killed mid-download
-            leftover.unlink(missing_ok=True)
-        if not verified(path, state=state):
-            blob.unlink(missing_ok=True)
-            fail(f"{repo}/{name} arrived damaged (its hash does not match the hub's); run again to retry")
-        paths[i] = path
+    resumed = f", resuming after the {have / 1e9:.2f} GB a stopped run left" if have else ""
+    note(f"downloading {needed / 1e9:.2f} GB into {cache}{resumed} (once: later runs start from this cache)",
+         quiet=quiet)
+    for ((repo, name, revision), i), meta in zip(missing, metas):
+        paths[i] = hub_call(lambda: fetch(repo, name, revision, meta, state=state, timeout=timeout),
+                            repo=repo, name=name, revision=revision, timeout=timeout, size=meta.size or 0)
     return paths  # type: ignore[return-value]
+
+
+def partial_file(repo: str, name: str, etag: str) -> Path:
+    """Where a stopped download of `name` waits for the next run: beside the blobs, named for the file and etag."""
+    folder = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+    return folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.{etag}.partial"
+
+
+def partial_size(repo: str, name: str, meta: Any) -> int:
+    partial = partial_file(repo, name, meta.etag or "")
+    return partial.stat().st_size if meta.etag and partial.exists() and partial.stat().st_size <= (meta.size or 0) else 0
+
+
+def fetch(repo: str, name: str, revision: str, meta: Any, *, state: Path, timeout: float) -> str:
+    """Download one file into the cache, resuming what a stopped run left; nothing unverified enters the cache.
+
+    huggingface_hub writes each download to a file named for its process and deletes it when stopped, so a
+    stopped 2.4 GB download would start again from zero. Here the bytes stay in a partial file that the next
+    run continues with a Range request (the library's own http_get), under the library's lock for that file.
+    """
+    if not meta.etag or not meta.location:  # a server that names no blob: the library's download, unresumed
+        return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
+    folder = repo_folder_name(repo_id=repo, repo_type="model")
+    blob, partial = Path(hub_constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag, partial_file(repo, name, meta.etag)
+    lock = Path(hub_constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):  # the same lock hf_hub_download takes: two runs never write one file at once
+        for stale in partial.parent.glob(f"{partial.name.split('.')[0]}.*.partial"):
+            if stale != partial:
+                stale.unlink(missing_ok=True)  # the file has changed on the hub since that run stopped
+        for leftover in partial.parent.glob(f"{meta.etag}.*.incomplete"):  # the library's, from killed runs
+            leftover.unlink(missing_ok=True)
+        while not blob.exists():
+            resumed = fetch_rest(meta.location, partial, size=meta.size, name=name)
+            if hashes_to(partial, meta.etag):
+                os.replace(partial, blob)
+                remember_verified(str(blob), state=state)
+            else:
+                partial.unlink()
+                if not resumed:  # a damaged partial costs one fresh download; a damaged fresh one is an error
+                    fail(f"{repo}/{name} arrived damaged (its hash does not match the hub's); run again to retry")
+    # The blob is in place: the library links it into the snapshot and writes the ref, as for its own downloads.
+    return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
+
+
+def fetch_rest(url: str, partial: Path, *, size: Optional[int], name: str) -> int:
+    """Append what `partial` lacks of the file at `url`; returns how many bytes it already had."""
+    hub_constants.DOWNLOAD_CHUNK_SIZE = 1 << 20  # written every MiB (not 10): a stop loses at most that
+    with open(partial, "r+b" if partial.exists() else "wb") as f:
+        have = f.seek(0, os.SEEK_END)
+        if size is not None and have > size:  # longer than the file: not a beginning of it
+            f.truncate(0)
+            have = f.seek(0)
+        http_get(url, f, resume_size=have, headers=build_hf_headers(), expected_size=size, displayed_filename=name)
+    return have
+
+
+def hashes_to(path: Path, etag: str) -> bool:
+    """Does the file hash to the hub's etag: the sha256 of an LFS file (the GGUF), git's blob sha1 of a small one?"""
+    if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
+        return True  # not named by a hash: nothing to check against
+    digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == etag
 
 
 def verified(path: str, *, state: Path) -> bool:
     """Does a cached file hash to the etag it is stored under? Hashes only when its size or mtime changed.
 
-    The hub names each blob by its etag: the sha256 of an LFS file (the GGUF), the git blob sha1 of a
-    small one. huggingface_hub itself checks only the size of a download.
+    The hub names each blob by its etag; huggingface_hub itself checks only the size of a download.
     """
     blob = os.path.realpath(path)
-    etag = os.path.basename(blob)
-    if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
-        return True  # not named by a hash (a cache without symlinks): nothing to check against
     info = os.stat(blob)
-    stamp = [info.st_size, info.st_mtime_ns]
+    if read_verified(state).get(blob) == [info.st_size, info.st_mtime_ns]:
+        return True
+    if not hashes_to(Path(blob), os.path.basename(blob)):
+        return False
+    remember_verified(blob, state=state)
+    return True
+
+
+def read_verified(state: Path) -> dict[str, Any]:
     try:
         seen = json.loads(state.read_text())
     except (OSError, ValueError):
         seen = {}
-    if isinstance(seen, dict) and seen.get(blob) == stamp:
-        return True
-    digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % stamp[0])
-    with open(blob, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != etag:
-        return False
-    seen = {**(seen if isinstance(seen, dict) else {}), blob: stamp}
+    return seen if isinstance(seen, dict) else {}
+
+
+def remember_verified(blob: str, *, state: Path) -> None:
+    """Note a blob's size and mtime as verified, so that later runs need not hash it again."""
+    info = os.stat(blob)
+    seen = {**read_verified(state), blob: [info.st_size, info.st_mtime_ns]}
     try:  # written whole or not at all; a read-only cache just means hashing again next time
         state.parent.mkdir(parents=True, exist_ok=True)
         partial = state.with_suffix(f".{os.getpid()}.tmp")
@@ -289,7 +355,6 @@ def verified(path: str, *, state: Path) -> bool:
         os.replace(partial, state)
     except OSError:
         pass
-    return True
 
 
 def hub_call(call: Callable[[], T], *, repo: str, name: str, revision: str, timeout: float, size: int = 0) -> T:

@@ -44,6 +44,7 @@ class Repo:
 class Hub:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    sent: int = 0  # bytes of file bodies sent from the CDN, over all requests
     blobs: dict[str, bytes] = field(default_factory=dict)
     url: str = ""
     cdn_url: str = ""
@@ -147,6 +148,7 @@ class Hub:
                         self.wfile.flush()
                     except OSError:  # the client went away
                         return
+                    hub.sent += len(chunk)
                     if hub.throttle:
                         time.sleep(len(chunk) / hub.throttle)
                 if stop_at <= end:  # cut the connection mid-body, as a flaky network does

@@ -2,6 +2,7 @@
 connections, a full disk, hostile files. None may leave a crash, a hang, or a model that runs on bad bytes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -86,39 +87,134 @@ def start_download(hub, home: Path, *args: str) -> subprocess.Popen:
     return start("--temperature", "0", "--sample-len", "3", *args, hub=hub, home=home)
 
 
+def partial_files(home: Path) -> list[Path]:
+    """What a stopped download keeps for the next run."""
+    return list((home / "hub").rglob("*.partial"))
+
+
 def wait_for_partial_file(home: Path, at_least: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.stat().st_size >= at_least for p in leftovers(home) if p.exists()):
+        if any(p.stat().st_size >= at_least for p in partial_files(home) if p.exists()):
             return
         time.sleep(0.02)
     raise AssertionError("the download never started")
 
 
-@pytest.mark.parametrize("killed_at", [0, 1 << 20, 9 << 20])
-def test_a_download_killed_at_any_moment_is_completed_by_the_next_run(hub, tmp_path, killed_at):
+MODEL = lambda hub: hub.repos[MODEL_REPO].files[MODEL_FILE]  # noqa: E731  (the 12 MB model the hub serves)
+CHUNK = 1 << 20  # what the script writes at a time: a stopped run loses at most this much of what it received
+
+
+def stop_download(hub, home: Path, at: int, signum: int) -> tuple[int, str]:
+    """Start a first run on a slow hub and stop it once `at` bytes of the model are on disk; its exit code and stderr."""
     with hub.faults(throttle=4 << 20):  # the 12 MB model takes about 3 s
-        process = start_download(hub, tmp_path)
-        wait_for_partial_file(tmp_path, killed_at)
-        process.kill()  # SIGKILL: no chance to clean up, like a power cut
-        process.wait()
-    result = default_run(hub, tmp_path)
+        process = start_download(hub, home)
+        wait_for_partial_file(home, at)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=20)
+    settle(hub)
+    return process.returncode, stderr.decode("utf-8", "replace")
+
+
+def settle(hub) -> None:
+    """Wait until the hub has stopped sending to a stopped client, so that hub.sent counts only what follows."""
+    while True:
+        before = hub.sent
+        time.sleep(0.3)
+        if hub.sent == before:
+            return
+
+
+def resumes(hub, home: Path) -> None:
+    """The next run fetches only what is missing, and ends with the hub's exact bytes and no partial file."""
+    kept = sum(p.stat().st_size for p in partial_files(home))
+    hub.sent = 0
+    result = default_run(hub, home)
     assert result.returncode == 0, result.stderr
     assert result.stdout == PENALISED
-    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == hub.repos[MODEL_REPO].files[MODEL_FILE]
-    assert leftovers(tmp_path) == []  # the killed run's partial file is gone too
+    assert hub.sent == len(MODEL(hub)) - kept  # exactly the rest
+    assert cached(home, MODEL_REPO, MODEL_FILE).read_bytes() == MODEL(hub)
+    assert partial_files(home) == [] and leftovers(home) == []
 
 
-def test_ctrl_c_during_a_download_leaves_a_usable_cache(hub, tmp_path):
+@pytest.mark.parametrize("killed_at", [1, 1 << 20, 9 << 20])
+def test_a_download_killed_at_any_moment_is_resumed_by_the_next_run(hub, tmp_path, killed_at):
+    code, _ = stop_download(hub, tmp_path, killed_at, signal.SIGKILL)  # no chance to clean up, like a power cut
+    assert code == -signal.SIGKILL
+    assert sum(p.stat().st_size for p in partial_files(tmp_path)) >= killed_at - CHUNK
+    resumes(hub, tmp_path)
+
+
+@pytest.mark.parametrize("stopped_at", [1, 6 << 20])
+def test_ctrl_c_during_a_download_exits_130_and_the_next_run_resumes(hub, tmp_path, stopped_at):
+    code, stderr = stop_download(hub, tmp_path, stopped_at, signal.SIGINT)
+    assert code == 130 and "Traceback" not in stderr
+    assert len(partial_files(tmp_path)) == 1
+    resumes(hub, tmp_path)
+
+
+def test_the_resumed_download_says_what_was_already_there(hub, tmp_path):
+    stop_download(hub, tmp_path, 6 << 20, signal.SIGINT)
+    result = default_run(hub, tmp_path)
+    assert "resuming after the 0.01 GB a stopped run left" in result.stderr
+
+
+def test_a_damaged_partial_file_costs_a_fresh_download_never_a_wrong_file(hub, tmp_path):
+    stop_download(hub, tmp_path, 4 << 20, signal.SIGKILL)
+    [partial] = partial_files(tmp_path)
+    with open(partial, "r+b") as f:
+        f.seek(1000)
+        f.write(bytes(b ^ 0xFF for b in f.read(2)))
+    kept = partial.stat().st_size
+    hub.sent = 0
+    result = default_run(hub, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == MODEL(hub)
+    assert hub.sent == (len(MODEL(hub)) - kept) + len(MODEL(hub))  # the rest, a failed check, then all of it
+    assert partial_files(tmp_path) == []
+
+
+def test_a_file_replaced_on_the_hub_between_runs_is_downloaded_whole(hub, tmp_path):
+    repo = "phi-console-tests/replaced"
+    old = MODEL(hub)
+    new = old[:-16] + bytes(b ^ 1 for b in old[-16:])  # a weight changed: same size, another sha256
+    hub.add(repo, {MODEL_FILE: old})
     with hub.faults(throttle=4 << 20):
-        process = start_download(hub, tmp_path)
-        wait_for_partial_file(tmp_path, 1 << 20)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=10)
-    assert process.returncode == 130
-    assert b"Traceback" not in stderr
-    assert leftovers(tmp_path) == []
-    assert runs_normally(hub, tmp_path)
+        process = start_download(hub, tmp_path, "--model-repo", repo)
+        wait_for_partial_file(tmp_path, 4 << 20)
+        process.kill()
+        process.wait()
+    settle(hub)
+    hub.add(repo, {MODEL_FILE: new})
+    hub.sent = 0
+    result = console("--model-repo", repo, "--sample-len", "1", hub=hub, home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert hub.sent == len(new)  # the old partial was of another file: none of it is used
+    assert cached(tmp_path, repo, MODEL_FILE).read_bytes() == new
+    assert partial_files(tmp_path) == []
+
+
+def test_two_runs_started_at_once_share_the_cache_without_corrupting_it(hub, tmp_path):
+    hub.sent = 0
+    with hub.faults(throttle=8 << 20):
+        runs = [start_download(hub, tmp_path) for _ in range(2)]
+        outputs = [run.communicate(timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err for _, err in outputs]
+    assert all(out == PENALISED for out, _ in outputs)
+    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == MODEL(hub)
+    assert hub.sent == len(MODEL(hub))  # the second waited for the first, and downloaded nothing
+    assert partial_files(tmp_path) == [] and leftovers(tmp_path) == []
+
+
+def test_the_resumed_cache_is_a_normal_huggingface_hub_entry(hub, tmp_path):
+    stop_download(hub, tmp_path, 6 << 20, signal.SIGKILL)
+    assert default_run(hub, tmp_path).returncode == 0
+    folder = tmp_path / "hub" / f"models--{MODEL_REPO.replace('/', '--')}"
+    commit = hub.repos[MODEL_REPO].commit
+    assert (folder / "refs" / "main").read_text() == commit
+    link = folder / "snapshots" / commit / MODEL_FILE
+    assert link.is_symlink() and link.resolve().parent == folder / "blobs"
+    assert link.resolve().name == hashlib.sha256(MODEL(hub)).hexdigest()
 
 
 def test_a_connection_dropped_mid_body_is_resumed_within_the_run(hub, tmp_path):
@@ -144,10 +240,11 @@ def test_a_full_disk_names_the_cache_and_the_space_needed_and_the_next_run_succe
     result = default_run(hub, tmp_path, max_file_size=4 << 20)  # the model is 12 MB
     line = the_error(result)
     assert "no room to save" in line and "0.01 GB" in line and str(tmp_path / "hub") in line
-    blobs = [p for p in (tmp_path / "hub").rglob("blobs/*")]
+    blobs = [p for p in (tmp_path / "hub").rglob("blobs/*") if not p.name.endswith(".partial")]
     assert all(p.stat().st_size < 1 << 20 for p in blobs)  # only the tokenizer, nothing that looks like the model
     assert leftovers(tmp_path) == []
-    assert runs_normally(hub, tmp_path)
+    assert [p.stat().st_size for p in partial_files(tmp_path)] == [4 << 20]  # what fitted waits for the next run
+    resumes(hub, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["huge-string.gguf", "huge-array.gguf", "huge-counts.gguf", "truncated.gguf",
