@@ -511,13 +511,47 @@ def with_system(system: Optional[str], text: str) -> str:
 
 
 def evaluate(ctx: "llama_cpp.llama_context_p", tokens: list[int]) -> None:
-    """Feed tokens to the model a batch at a time; only the last one's logits are kept."""
-    batch = llama_cpp.llama_n_batch(ctx)
-    for start in range(0, len(tokens), batch):
-        chunk = tokens[start : start + batch]
-        array = (llama_cpp.llama_token * len(chunk))(*chunk)
-        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk))) != 0:
-            fail("llama.cpp failed to evaluate the prompt")
+    """Feed tokens to the model a batch at a time; only the last one's logits are kept.
+
+    Ctrl-C or SIGTERM stops it within one graph node, not one batch (seconds of work), and raises as the
+    signal would have; the KV cache then holds exactly the batches that were evaluated whole.
+    """
+    batch, memory = llama_cpp.llama_n_batch(ctx), llama_cpp.llama_get_memory(ctx)
+    with stoppable(ctx) as caught:
+        for start in range(0, len(tokens), batch):
+            known = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
+            chunk = tokens[start : start + batch]
+            array = (llama_cpp.llama_token * len(chunk))(*chunk)
+            status = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
+            if status == 2:  # aborted: drop whatever of this batch reached the cache
+                llama_cpp.llama_memory_seq_rm(memory, 0, known, -1)
+            elif status != 0:
+                fail("llama.cpp failed to evaluate the prompt")
+            if caught:
+                break
+    if caught:
+        raise KeyboardInterrupt if caught[0] == signal.SIGINT else SystemExit(128 + caught[0])
+
+
+@contextlib.contextmanager
+def stoppable(ctx: "llama_cpp.llama_context_p") -> Iterator[list[int]]:
+    """Let Ctrl-C and SIGTERM stop llama_decode between two graph nodes; yields the signals caught.
+
+    Python runs its signal handlers only between its own bytecodes, so a signal waits for a long llama_decode
+    to return. llama.cpp asks an abort callback after every graph node; here the handlers only note the
+    signal (raising inside a ctypes callback is lost) and the callback tells llama.cpp to stop.
+    """
+    caught: list[int] = []
+    watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in watched}
+    stop = llama_cpp.ggml_abort_callback(lambda data: bool(caught))
+    llama_cpp.llama_set_abort_callback(ctx, stop, None)
+    try:
+        yield caught
+    finally:
+        llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,6 +788,11 @@ class Conversation:
                           hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled, stamps=stamps,
                  text=said)
         except KeyboardInterrupt:
+            if not sampled:  # stopped before the reply began: as if the message had not been sent
+                with uninterrupted():
+                    llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
+                note("(stopped before the reply began: that message is forgotten)", quiet=self.quiet)
+                return
             note("(stopped)", quiet=self.quiet)
         self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said))
         evaluated = llama_cpp.llama_perf_context(self.ctx).n_p_eval

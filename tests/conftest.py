@@ -19,6 +19,7 @@ Everything the local hub serves (all models are crafted: every layer zero, so th
 | phi-console-tests/plain-tokenizer       | tokenizer.json                         | no Phi-3 chat tokens                  |
 | phi-console-tests/huge-tokenizer        | tokenizer.json                         | 65 MB                                 |
 | phi-console-tests/gated                 | Phi-3-mini-4k-instruct-q4.gguf         | refused without a token               |
+| phi-console-tests/slow                  | slow.gguf                              | random weights: prompts take seconds  |
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from local_hub import Hub
@@ -175,3 +177,16 @@ def crafted(model: str = "puck-goal.gguf", **settings: object) -> list[str]:
     flags = [x for name, value in chosen.items() if value is not None
              for x in (f"--{name.replace('_', '-')}", str(value))]
     return ["--model-repo", CRAFTED, "--model-file", model, *flags]
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> list[str]:
+    """Flags for a model whose prompt evaluation takes seconds per 512-token batch (random weights, F16).
+
+    On one core of a 2-core EPYC a 512-token batch takes about 4 s, so a Ctrl-C that waited for its batch to end
+    would take seconds.
+    """
+    path = write_gguf(tmp_path_factory.mktemp("slow") / "slow.gguf", logits={}, n_embd=1024, n_ff=4096, n_layer=12,
+                      n_head=8, random_weights=True, dtype=np.float16)
+    hub.add("phi-console-tests/slow", {"slow.gguf": path.read_bytes()})
+    return ["--model-repo", "phi-console-tests/slow", "--model-file", "slow.gguf", "--threads", "1"]

@@ -1,10 +1,12 @@
 """Every expected failure is one `error:` line naming the cause and the fix, and a non-zero exit."""
 from __future__ import annotations
 
+import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -146,3 +148,58 @@ def test_a_closed_stdout_ends_quietly(hub, warm_home):
     assert result.stdout == b"puck puck puck puck "
     assert result.returncode == 0
     assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
+
+
+LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
+
+
+def signal_during_the_prompt(hub, home, model_flags, signum: int, *extra: str, stdin: bytes = b"") -> tuple:
+    """Start a run whose prompt takes about 12 s, signal it early in its first batch; exit code, output, reaction time.
+
+    --verbose shows llama.cpp's log, whose last line before the prompt is evaluated says the context is ready.
+    """
+    process = start(*model_flags, "--sample-len", "5", "--verbose", *extra, hub=hub, home=home, stdin=subprocess.PIPE)
+    process.stdin.write(stdin)
+    process.stdin.close()
+    process.stdin = None  # written whole: nothing more to send
+    log: list[bytes] = []
+    reader = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not any(b"reserve took" in line for line in list(log)):
+        assert time.monotonic() < deadline and process.poll() is None, b"".join(log)[-2000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signum)
+    signalled = time.monotonic()
+    stdout = process.stdout.read()
+    process.wait(timeout=60)
+    waited = time.monotonic() - signalled
+    reader.join(timeout=10)
+    return process.returncode, stdout, b"".join(log).decode("utf-8", "replace"), waited
+
+
+@pytest.fixture(scope="module")
+def slow_home(hub, slow_model, tmp_path_factory):
+    home = tmp_path_factory.mktemp("slow_home")
+    assert console(*slow_model, "--sample-len", "1", hub=hub, home=home).returncode == 0  # downloaded once
+    return home
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_a_long_prompt_stops_it_within_a_second(hub, slow_model, slow_home, signum, code):
+    returncode, stdout, stderr, waited = signal_during_the_prompt(hub, slow_home, slow_model, signum,
+                                                                  "--prompt", LONG_PROMPT)
+    assert returncode == code, stderr
+    assert waited < 1.0  # not the rest of a 4 s batch
+    assert stdout == b"\n" and "Traceback" not in stderr
+
+
+def test_ctrl_c_during_a_long_message_in_chat_forgets_it_and_the_chat_goes_on(hub, slow_model, slow_home):
+    returncode, stdout, stderr, waited = signal_during_the_prompt(
+        hub, slow_home, slow_model, signal.SIGINT, "--chat", stdin=f"{LONG_PROMPT}\n/show\nhello\n/show\n".encode())
+    assert returncode == 0, stderr
+    assert "stopped before the reply began" in stderr and "Traceback" not in stderr
+    used = [int(n) for n in re.findall(r"context: (\d+) of", stderr)]
+    assert used[0] == 0 and 0 < used[1] < 30  # nothing of the long message stays; "hello" got its reply
+    assert len(stdout.splitlines()) == 2  # the stopped message's empty line, then the reply to "hello"
