@@ -72,7 +72,6 @@ TOKENIZER_REVISION = "main"  # branch, tag or commit of the tokenizer's repo
 # type: what a flag's text is read as; none: may be None ("none" as text); valid: when a value of that type
 # is allowed, and must_be: the same in words; meaning: --help's and /help's line.
 SETTINGS: dict[str, tuple[type, bool, Callable[[Any], bool], str, str]] = {
-    # name            type   none   valid                          must_be                         meaning
     "prompt": (str, False, lambda s: s.strip() != "", "non-empty text",
                "your words; '-' reads stdin, as does a pipe when --prompt is absent"),
     "system": (str, True, lambda s: s.strip() != "", "non-empty text, or none",

@@ -101,7 +101,10 @@ def wait_for_partial_file(home: Path, at_least: int, timeout: float = 20) -> Non
     raise AssertionError("the download never started")
 
 
-MODEL = lambda hub: hub.repos[MODEL_REPO].files[MODEL_FILE]  # noqa: E731  (the 12 MB model the hub serves)
+def served_model(hub) -> bytes:
+    """The 12 MB model the hub serves under the default names."""
+    return hub.repos[MODEL_REPO].files[MODEL_FILE]
+
 CHUNK = 1 << 20  # what the script writes at a time: a stopped run loses at most this much of what it received
 
 
@@ -132,8 +135,8 @@ def resumes(hub, home: Path) -> None:
     result = default_run(hub, home)
     assert result.returncode == 0, result.stderr
     assert result.stdout == PENALISED
-    assert hub.sent == len(MODEL(hub)) - kept  # exactly the rest
-    assert cached(home, MODEL_REPO, MODEL_FILE).read_bytes() == MODEL(hub)
+    assert hub.sent == len(served_model(hub)) - kept  # exactly the rest
+    assert cached(home, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
     assert partial_files(home) == [] and leftovers(home) == []
 
 
@@ -169,14 +172,14 @@ def test_a_damaged_partial_file_costs_a_fresh_download_never_a_wrong_file(hub, t
     hub.sent = 0
     result = default_run(hub, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == MODEL(hub)
-    assert hub.sent == (len(MODEL(hub)) - kept) + len(MODEL(hub))  # the rest, a failed check, then all of it
+    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
+    assert hub.sent == (len(served_model(hub)) - kept) + len(served_model(hub))  # the rest, a failed check, then all of it
     assert partial_files(tmp_path) == []
 
 
 def test_a_file_replaced_on_the_hub_between_runs_is_downloaded_whole(hub, tmp_path):
     repo = "phi-console-tests/replaced"
-    old = MODEL(hub)
+    old = served_model(hub)
     new = old[:-16] + bytes(b ^ 1 for b in old[-16:])  # a weight changed: same size, another sha256
     hub.add(repo, {MODEL_FILE: old})
     with hub.faults(throttle=4 << 20):
@@ -201,8 +204,8 @@ def test_two_runs_started_at_once_share_the_cache_without_corrupting_it(hub, tmp
         outputs = [run.communicate(timeout=60) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err for _, err in outputs]
     assert all(out == PENALISED for out, _ in outputs)
-    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == MODEL(hub)
-    assert hub.sent == len(MODEL(hub))  # the second waited for the first, and downloaded nothing
+    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
+    assert hub.sent == len(served_model(hub))  # the second waited for the first, and downloaded nothing
     assert partial_files(tmp_path) == [] and leftovers(tmp_path) == []
 
 
@@ -214,7 +217,7 @@ def test_the_resumed_cache_is_a_normal_huggingface_hub_entry(hub, tmp_path):
     assert (folder / "refs" / "main").read_text() == commit
     link = folder / "snapshots" / commit / MODEL_FILE
     assert link.is_symlink() and link.resolve().parent == folder / "blobs"
-    assert link.resolve().name == hashlib.sha256(MODEL(hub)).hexdigest()
+    assert link.resolve().name == hashlib.sha256(served_model(hub)).hexdigest()
 
 
 def test_a_connection_dropped_mid_body_is_resumed_within_the_run(hub, tmp_path):
