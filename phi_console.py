@@ -314,10 +314,16 @@ def hashes_to(path: Path, etag: str) -> bool:
     if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
         return True  # not named by a hash: nothing to check against
     digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    return file_digest(path, digest) == etag
+
+
+def file_digest(path: Path, digest: Any = None) -> str:
+    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
+    digest = digest or hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    return digest.hexdigest() == etag
+    return digest.hexdigest()
 
 
 def verified(path: str, *, state: Path) -> bool:
@@ -347,11 +353,9 @@ def remember_verified(blob: str, *, state: Path) -> None:
     """Note a blob's size and mtime as verified, so that later runs need not hash it again."""
     info = os.stat(blob)
     seen = {**read_verified(state), blob: [info.st_size, info.st_mtime_ns]}
-    try:  # written whole or not at all; a read-only cache just means hashing again next time
+    try:  # a read-only cache just means hashing again next time
         state.parent.mkdir(parents=True, exist_ok=True)
-        partial = state.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(seen))
-        os.replace(partial, state)
+        write_whole(state, json.dumps(seen))
     except OSError:
         pass
 
@@ -576,12 +580,16 @@ def make_sampler(*, n_vocab: int, temperature: float, top_p: Optional[float], re
 def sampler_for(vocab: "llama_cpp.llama_vocab_p", settings: dict[str, Any], *,
                 window: list[int]) -> "llama_cpp.llama_sampler_p":
     """The sampler the settings describe, its repeat-penalty window primed with the reply tokens so far."""
-    seed = random.SystemRandom().randint(0, MAX_SEED) if settings["seed"] is None else settings["seed"]
-    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=seed,
+    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=chosen_seed(settings["seed"]),
                            **{k: settings[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
     for token in window[-settings["repeat_last_n"]:] if settings["repeat_last_n"] else []:
         llama_cpp.llama_sampler_accept(sampler, token)
     return sampler
+
+
+def chosen_seed(seed: Optional[int]) -> int:
+    """The seed itself, or a fresh random one for None."""
+    return random.SystemRandom().randint(0, MAX_SEED) if seed is None else seed
 
 
 def token_bytes(vocab: "llama_cpp.llama_vocab_p", token: int, *, first: bool) -> bytes:
@@ -654,7 +662,7 @@ def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[st
     # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
     ctx = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
     loaded = time.perf_counter()
-    seed = random.SystemRandom().randint(0, MAX_SEED) if sampling["seed"] is None else sampling["seed"]
+    seed = chosen_seed(sampling["seed"])  # chosen here, so that the report can name it
     sampler = sampler_for(vocab, {**sampling, "seed": seed}, window=[])
     reply: list[int] = []
     stamps: list[float] = []
@@ -824,7 +832,7 @@ class Conversation:
                 record = {"format": SAVED_FORMAT, "settings": self.settings, "messages": self.messages,
                           "context": {"tokens": self.tokens, "exchanges": self.exchanges, "pending": self.pending,
                                       "replies": self.replies[-SAVED_REPLY_TOKENS:]},
-                          "state": {"file": state.name, "sha256": file_sha256(state), **self.identity}}
+                          "state": {"file": state.name, "sha256": file_digest(state), **self.identity}}
                 text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
                 write_whole(path, re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text) + "\n")
             except OSError as error:
@@ -857,7 +865,7 @@ class Conversation:
         if any(facts.get(key) != value for key, value in self.identity.items()):
             return "it was saved by another model file or llama.cpp build"
         try:
-            if file_sha256(state) != facts.get("sha256"):
+            if file_digest(state) != facts.get("sha256"):
                 return "it has changed since it was saved"
         except OSError as error:
             return error.strerror or str(error)
@@ -892,14 +900,6 @@ def read_saved(path: Path, *, n_vocab: int, n_ctx: int) -> dict[str, Any]:
         raise ValueError(f"{path} holds {len(tokens) + len(pending)} tokens and the context holds {n_ctx}; "
                          "start with a larger --ctx")
     return {**saved, "settings": settings}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_whole(path: Path, text: str) -> None:
