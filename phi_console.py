@@ -62,6 +62,7 @@ CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completi
 CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
 THREADS = None  # >= 1 CPU threads; None = the number of physical cores
 GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
+PROMPT_CACHE_GB = 2.0  # disk for saved prompt states, so that rerunning a prompt skips evaluating it; 0 = off
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # Hugging Face repo that holds the weights
 MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"  # the weights: Q4_K_M, about 2.4 GB
 MODEL_REVISION = "main"  # branch, tag, or a 40-hex commit that pins the exact bytes
@@ -92,6 +93,9 @@ SETTINGS: dict[str, tuple[type, bool, Callable[[Any], bool], str, str]] = {
     "threads": (int, True, lambda n: n >= 1, "an integer >= 1, or none", "CPU threads; none = one per physical core"),
     "gpu_layers": (int, True, lambda n: n >= -1, "an integer >= -1, or none",
                    "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
+    "prompt_cache_gb": (float, False, lambda g: g >= 0, "a number >= 0",
+                        "disk (in the Hugging Face cache) for the evaluated prompts of recent runs, so that a rerun "
+                        "of one starts at once; 0 = off"),
     "model_repo": (str, False, lambda s: s.strip() != "", "a repo name", "Hugging Face repo of the GGUF weights"),
     "model_file": (str, False, lambda s: s.strip() != "", "a file name", "the GGUF file in that repo"),
     "model_revision": (str, False, lambda s: s.strip() != "", "a branch, tag or commit",
@@ -333,7 +337,7 @@ def verified(path: str, *, state: Path) -> bool:
     """
     blob = os.path.realpath(path)
     info = os.stat(blob)
-    if read_verified(state).get(blob) == [info.st_size, info.st_mtime_ns]:
+    if read_json(state).get(blob) == [info.st_size, info.st_mtime_ns]:
         return True
     if not hashes_to(Path(blob), os.path.basename(blob)):
         return False
@@ -341,9 +345,10 @@ def verified(path: str, *, state: Path) -> bool:
     return True
 
 
-def read_verified(state: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON object the script keeps; {} if it is missing or damaged (it is only ever a shortcut)."""
     try:
-        seen = json.loads(state.read_text())
+        seen = json.loads(path.read_text())
     except (OSError, ValueError):
         seen = {}
     return seen if isinstance(seen, dict) else {}
@@ -352,7 +357,7 @@ def read_verified(state: Path) -> dict[str, Any]:
 def remember_verified(blob: str, *, state: Path) -> None:
     """Note a blob's size and mtime as verified, so that later runs need not hash it again."""
     info = os.stat(blob)
-    seen = {**read_verified(state), blob: [info.st_size, info.st_mtime_ns]}
+    seen = {**read_json(state), blob: [info.st_size, info.st_mtime_ns]}
     try:  # a read-only cache just means hashing again next time
         state.parent.mkdir(parents=True, exist_ok=True)
         write_whole(state, json.dumps(seen))
@@ -462,18 +467,26 @@ def check_model(model: "llama_cpp.llama_model_p", specials: dict[str, int], *, n
                  "the model and tokenizer files do not belong together")
 
 
-def identity(model_path: str) -> dict[str, str]:
-    """What a saved KV state depends on: the model's exact bytes (the cache names the file by its hash) and the build."""
+def identity(model_path: str, *, gpu_layers: Optional[int]) -> dict[str, Any]:
+    """What a saved KV state depends on: the model's exact bytes (the cache names the file by its hash), the build
+    and where the layers run."""
     blob = os.path.realpath(model_path)
     build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build}
+    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers}
 
 
 def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, batch: int,
-                gpu: bool) -> "llama_cpp.llama_context_p":
+                gpu: bool) -> tuple["llama_cpp.llama_context_p", dict[str, Any]]:
+    """A context of n_ctx tokens, and the settings of it that change the numbers it computes.
+
+    Those are: the cache's size (llama.cpp rounds it up to a multiple of 256), the batches a prompt is cut
+    into (of `batch` tokens: a smaller context cannot hold a longer prompt), threads and flash attention.
+    """
     params = llama_cpp.llama_context_default_params()
-    # On the CPU, flash attention slows generation as the context fills (5.3 -> 3.1 tok/s at 500 tokens in
-    # the benchmark) and gains ~2% on prompts; on a GPU, llama.cpp's own choice stands.
+    # On the CPU, flash attention is off at every depth: measured on an AMD EPYC and an Intel Xeon, it slows
+    # generation by 22-41% once 256 or more tokens are in the context, and what it gains in a shorter one is
+    # within noise (-6% to +4%); switching it by depth would also make a longer --sample-len change the reply.
+    # On a GPU, llama.cpp's own choice stands.
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = min(n_ctx, batch)
@@ -482,7 +495,8 @@ def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, b
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); try a smaller --ctx")
-    return ctx
+    return ctx, {"n_ctx": llama_cpp.llama_n_ctx(ctx), "batch": batch, "threads": threads,
+                 "flash_attn": params.flash_attn_type}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,6 +569,111 @@ def stoppable(ctx: "llama_cpp.llama_context_p") -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+def restore_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: dict[str, Any], *, folder: Path,
+                   quiet: bool) -> int:
+    """Put into the cache the longest start of `tokens` that an earlier run saved under the same facts; its length.
+
+    What comes back is exactly what evaluating those tokens here would compute: all of them, or a shared start
+    cut where evaluation's batches end (a multiple of the batch size), so that the rest is evaluated in the
+    same batches as without it. The reply is then the same to the byte.
+    """
+    batch, best, usable = llama_cpp.llama_n_batch(ctx), None, 0
+    for index in folder.glob("*.json"):
+        saved = read_json(index)
+        have = saved.get("tokens") if saved.get("facts") == facts else None
+        if not isinstance(have, list):
+            continue
+        common = next((i for i, (a, b) in enumerate(zip(have, tokens)) if a != b), min(len(have), len(tokens)))
+        length = len(tokens) if common == len(have) == len(tokens) else common // batch * batch
+        if length > usable:
+            best, usable = (index, saved), length
+    if best is None:
+        return 0
+    index, saved = best
+    distrust = load_state(ctx, index.with_suffix(".state"), saved.get("sha256"), saved["tokens"])
+    if distrust:
+        note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
+        forget_prompt(index)
+        return 0
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, usable, -1)
+    with contextlib.suppress(OSError):
+        os.utime(index)  # just used: the last to be dropped for room
+    return usable
+
+
+def save_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: dict[str, Any], *, folder: Path,
+                limit: float) -> None:
+    """Keep the cache's first len(tokens) positions for later runs, and forget what follows them.
+
+    The least recently used saved prompts are deleted to keep all of them within `limit` bytes.
+    """
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, len(tokens), -1)
+    size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+    if size > limit:
+        return
+    name = hashlib.sha256(json.dumps([facts, tokens]).encode()).hexdigest()[:32]
+    partial = folder / f"{name}.{os.getpid()}.state"  # a run saving the same prompt at once writes its own file
+    with contextlib.suppress(OSError):  # a full or read-only disk only means evaluating the prompt again next time
+        folder.mkdir(parents=True, exist_ok=True)
+        make_room_for_prompt(folder, keep=limit - size)
+        sha256 = save_state(ctx, partial, tokens)
+        os.replace(partial, folder / f"{name}.state")
+        write_whole(folder / f"{name}.json", json.dumps({"facts": facts, "tokens": tokens, "sha256": sha256}))
+    partial.unlink(missing_ok=True)
+
+
+def make_room_for_prompt(folder: Path, *, keep: float) -> None:
+    """Delete saved prompts, least recently used first, until the rest take at most `keep` bytes."""
+    for state in folder.glob("*.state"):  # a partial one, or left by a run stopped while saving
+        if not state.with_suffix(".json").exists():
+            state.unlink(missing_ok=True)
+    saved = []
+    for index in folder.glob("*.json"):
+        try:
+            saved.append((index.stat().st_mtime, index.with_suffix(".state").stat().st_size, index))
+        except OSError:
+            forget_prompt(index)
+    total = sum(size for _, size, _ in saved)
+    for _, size, index in sorted(saved):
+        if total <= keep:
+            break
+        forget_prompt(index)
+        total -= size
+
+
+def forget_prompt(index: Path) -> None:
+    with contextlib.suppress(OSError):
+        index.unlink(missing_ok=True)
+        index.with_suffix(".state").unlink(missing_ok=True)
+
+
+def save_state(ctx: "llama_cpp.llama_context_p", state: Path, tokens: list[int]) -> str:
+    """Write llama.cpp's state of the cache, which holds `tokens` (no logits); the file's sha256."""
+    with uninterrupted():
+        written = llama_cpp.llama_state_seq_save_file(ctx, str(state).encode(), 0,
+                                                      (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
+    if not written:
+        raise OSError(f"llama.cpp could not write {state}")
+    return file_digest(state)
+
+
+def load_state(ctx: "llama_cpp.llama_context_p", state: Path, sha256: Optional[str], tokens: list[int]) -> Optional[str]:
+    """Load what save_state wrote, if the file still hashes to sha256 and holds exactly `tokens`; else say why not."""
+    try:
+        if file_digest(state) != sha256:
+            return "it has changed since it was saved"
+    except OSError as error:
+        return error.strerror or str(error)
+    out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
+    memory = llama_cpp.llama_get_memory(ctx)
+    with uninterrupted():
+        read = llama_cpp.llama_state_seq_load_file(ctx, str(state).encode(), 0, out, len(tokens), ctypes.byref(count))
+        if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1 == len(tokens):
+            return None
+        llama_cpp.llama_memory_clear(memory, True)
+    return "llama.cpp could not restore it"
+
+
 # ---------------------------------------------------------------------------------------------
 # Stream: sample in llama.cpp, yield text as soon as it is whole UTF-8
 # ---------------------------------------------------------------------------------------------
@@ -605,10 +724,18 @@ def token_bytes(vocab: "llama_cpp.llama_vocab_p", token: int, *, first: bool) ->
 
 
 def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "llama_cpp.llama_sampler_p",
-             stop_ids: set[int], hidden_ids: set[int], sample_len: int) -> Iterator[tuple[int, str]]:
-    """Evaluate the prompt, then yield each sampled token with the text it adds ("" mid-character)."""
+             stop_ids: set[int], hidden_ids: set[int], sample_len: int,
+             last_alone: bool = False) -> Iterator[tuple[int, str]]:
+    """Evaluate the prompt, then yield each sampled token with the text it adds ("" mid-character).
+
+    last_alone: evaluate the prompt's last token by itself, after the rest. A saved state holds no logits, so a
+    restored prompt's last token is evaluated by itself; doing the same when nothing was restored makes the
+    two compute the same numbers.
+    """
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
-    evaluate(ctx, prompt)  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
+    split = len(prompt) - 1 if last_alone else len(prompt)
+    evaluate(ctx, prompt[:split])  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
+    evaluate(ctx, prompt[split:])
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     one = (llama_cpp.llama_token * 1)()
     for index in range(sample_len):
@@ -647,8 +774,13 @@ def speed(count: int, seconds: float) -> str:
 
 
 def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[str, int], n_ctx: int,
-             context: dict[str, Any], sampling: dict[str, Any], started: float, quiet: bool, verbose: bool) -> int:
-    """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr."""
+             context: dict[str, Any], sampling: dict[str, Any], identity: dict[str, Any], prompts: Path,
+             prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
+    """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr.
+
+    A prompt evaluated by an earlier run (same model, build and context) is restored from the state that run
+    saved in `prompts`, instead of being evaluated again.
+    """
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, with_system(sampling["system"], prompt), specials)
     if len(tokens) >= n_ctx:
@@ -658,18 +790,28 @@ def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[st
     if sample_len < sampling["sample_len"]:
         note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
     # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
-    ctx = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
+    ctx, settings = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
+    facts = {**identity, **settings}
     loaded = time.perf_counter()
+    held = tokens[:-1]  # what a saved state holds: it keeps no logits, so the last token is evaluated every run
+    restored = restore_prompt(ctx, held, facts, folder=prompts, quiet=quiet) if prompt_cache_gb else 0
     seed = chosen_seed(sampling["seed"])  # chosen here, so that the report can name it
     sampler = sampler_for(vocab, {**sampling, "seed": seed}, window=[])
     reply: list[int] = []
     stamps: list[float] = []
-    show(generate(ctx, prompt=tokens, sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
-                  hidden_ids=set(specials.values()), sample_len=sample_len), tokens=reply, stamps=stamps)
+    try:
+        show(generate(ctx, prompt=tokens[restored:], sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
+                      hidden_ids=set(specials.values()), sample_len=sample_len, last_alone=True),
+             tokens=reply, stamps=stamps)
+    finally:
+        if reply and prompt_cache_gb and restored < len(held):  # the prompt was evaluated whole, even if Ctrl-C
+            save_prompt(ctx, held, facts, folder=prompts, limit=prompt_cache_gb * 1e9)  # stopped the reply
     if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
         llama_cpp.llama_perf_context_print(ctx)
     first = stamps[0] if stamps else time.perf_counter()
-    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {speed(len(tokens), first - loaded)}"
+    evaluation = f"{restored} restored from an earlier run in {first - loaded:.2f} s" if restored else \
+        speed(len(tokens), first - loaded)
+    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {evaluation}"
          f" | generated: {len(reply)} tokens, {speed(len(reply) - 1, stamps[-1] - first if stamps else 0)}"
          f" | seed {seed}", quiet=quiet)
     return 0
@@ -702,7 +844,7 @@ class Conversation:
     """
 
     def __init__(self, ctx: "llama_cpp.llama_context_p", *, specials: dict[str, int], n_ctx: int,
-                 settings: dict[str, Any], identity: dict[str, str], quiet: bool) -> None:
+                 settings: dict[str, Any], identity: dict[str, Any], quiet: bool) -> None:
         self.ctx, self.specials, self.n_ctx, self.settings = ctx, specials, n_ctx, settings
         self.identity, self.quiet, self.sampler, self.stats = identity, quiet, None, "no reply yet"
         self.vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
@@ -822,15 +964,11 @@ class Conversation:
         state = path.with_name(path.name + ".state")
         with uninterrupted():
             try:
-                written = llama_cpp.llama_state_seq_save_file(
-                    self.ctx, str(state).encode(), 0, (llama_cpp.llama_token * len(self.tokens))(*self.tokens),
-                    len(self.tokens))
-                if not written:
-                    raise OSError(f"llama.cpp could not write {state}")
+                sha256 = save_state(self.ctx, state, self.tokens)
                 record = {"format": SAVED_FORMAT, "settings": self.settings, "messages": self.messages,
                           "context": {"tokens": self.tokens, "exchanges": self.exchanges, "pending": self.pending,
                                       "replies": self.replies[-SAVED_REPLY_TOKENS:]},
-                          "state": {"file": state.name, "sha256": file_digest(state), **self.identity}}
+                          "state": {"file": state.name, "sha256": sha256, **self.identity}}
                 text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
                 write_whole(path, re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text) + "\n")
             except OSError as error:
@@ -861,20 +999,8 @@ class Conversation:
     def restore(self, state: Path, facts: dict[str, Any], tokens: list[int]) -> Optional[str]:
         """Load llama.cpp's saved state of the cache, if it is the one saved for these tokens; else why not."""
         if any(facts.get(key) != value for key, value in self.identity.items()):
-            return "it was saved by another model file or llama.cpp build"
-        try:
-            if file_digest(state) != facts.get("sha256"):
-                return "it has changed since it was saved"
-        except OSError as error:
-            return error.strerror or str(error)
-        out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
-        with uninterrupted():
-            read = llama_cpp.llama_state_seq_load_file(self.ctx, str(state).encode(), 0, out, len(tokens),
-                                                       ctypes.byref(count))
-            if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1 == len(tokens):
-                return None
-            llama_cpp.llama_memory_clear(self.memory, True)
-        return "llama.cpp could not restore it"
+            return "it was saved by another model file, llama.cpp build or context settings"
+        return load_state(self.ctx, state, facts.get("sha256"), tokens)
 
 
 def read_saved(path: Path, *, n_vocab: int, n_ctx: int) -> dict[str, Any]:
@@ -954,10 +1080,11 @@ def typed_messages(interactive: bool) -> Iterator[str]:
 
 
 def chat(model: "llama_cpp.llama_model_p", *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
-         sampling: dict[str, Any], identity: dict[str, str], load: Optional[str], quiet: bool) -> int:
+         sampling: dict[str, Any], identity: dict[str, Any], load: Optional[str], quiet: bool) -> int:
     """Talk at `>>> ` until /bye or the end of input; replies go to stdout, everything else to stderr."""
-    talk = Conversation(new_context(model, n_ctx=n_ctx, batch=BATCH, **context), specials=specials, n_ctx=n_ctx,
-                        settings=sampling, identity=identity, quiet=quiet)
+    ctx, settings = new_context(model, n_ctx=n_ctx, batch=BATCH, **context)
+    talk = Conversation(ctx, specials=specials, n_ctx=n_ctx, settings=sampling, identity={**identity, **settings},
+                        quiet=quiet)
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):
@@ -1004,10 +1131,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not verbose:
         hub_logging.set_verbosity_error()  # the library's retry and cache chatter
 
+    kept = Path(hub_constants.HF_HOME) / "phi-console"  # what this script keeps beside the hub's cache
     model_path, tokenizer_path = download(  # 2. download: the cache first, the hub only for what it lacks
         [(settings.model_repo, settings.model_file, settings.model_revision),
          (settings.tokenizer_repo, TOKENIZER_FILE, settings.tokenizer_revision)],
-        state=Path(hub_constants.HF_HOME) / "phi-console" / "verified.json",
+        state=kept / "verified.json",
         timeout=hub_constants.HF_HUB_ETAG_TIMEOUT, quiet=quiet)
     specials = read_special_tokens(tokenizer_path)
 
@@ -1017,10 +1145,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     context = dict(threads=settings.threads or physical_cores(),
                    gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
     sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
+    model_identity = identity(model_path, gpu_layers=settings.gpu_layers)
     if settings.chat or settings.load:  # 4-6. prompt, stream and report, once or for every message
         return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
-                    identity=identity(model_path), load=settings.load, quiet=quiet)
+                    identity=model_identity, load=settings.load, quiet=quiet)
     return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
+                    identity=model_identity, prompts=kept / "prompts", prompt_cache_gb=settings.prompt_cache_gb,
                     started=started, quiet=quiet, verbose=verbose)
 
 

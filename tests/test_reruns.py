@@ -1,0 +1,204 @@
+"""Rerunning a prompt: the state an earlier run evaluated is restored, and the reply is the same to the byte.
+
+These tests use a small model with random weights, so every reply depends on the whole prompt and on every
+number in the cache: a state restored wrongly, or from another prompt, would change the text. The reference
+for each reply is a run with --prompt-cache-gb 0, which neither restores nor saves anything.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import console, start
+from phi3_models import quantize_q4_k_m, write_gguf
+
+RANDOM = "phi-console-tests/random"
+LONG = " ".join(["hello world"] * 300)  # about 620 tokens with the chat format: more than one 512-token batch
+
+
+@pytest.fixture(scope="module")
+def random_models(hub, tmp_path_factory) -> None:
+    """Two Q4_K_M models with random weights, wide enough (1024) to take the kernels the real file takes."""
+    folder = tmp_path_factory.mktemp("random")
+    served = {}
+    for name, layers in (("two-layers.gguf", 2), ("three-layers.gguf", 3)):
+        f16 = write_gguf(folder / f"{name}.f16", logits={}, n_embd=1024, n_ff=2048, n_head=8, n_layer=layers,
+                         random_weights=True, dtype=np.float16)
+        served[name] = quantize_q4_k_m(f16, folder / name).read_bytes()
+    hub.add(RANDOM, served)
+
+
+@pytest.fixture
+def home(hub, random_models, tmp_path_factory):
+    """A cache that holds both random models and no saved prompt."""
+    home = tmp_path_factory.getbasetemp() / "random_home"
+    if not home.exists():
+        for name in ("two-layers.gguf", "three-layers.gguf"):
+            assert run(hub, home, "hello", model=name, prompt_cache_gb=0).returncode == 0
+    shutil.rmtree(home / "phi-console" / "prompts", ignore_errors=True)
+    return home
+
+
+def run(hub, home, prompt: str, *, model: str = "two-layers.gguf", **settings: object):
+    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
+    flags = [x for name, value in chosen.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+    return console("--model-repo", RANDOM, "--model-file", model, "--prompt", prompt, *flags, hub=hub, home=home)
+
+
+def fresh(hub, home, prompt: str, **settings: object) -> bytes:
+    """The reply with nothing restored."""
+    result = run(hub, home, prompt, **settings, prompt_cache_gb=0)
+    assert result.returncode == 0 and "restored" not in result.stderr, result.stderr
+    return result.stdout
+
+
+def restored(result) -> int:
+    """How many prompt tokens the run says it restored (0 if it evaluated them all)."""
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"prompt: \d+ tokens, (\d+) restored from an earlier run", result.stderr)
+    return int(found[1]) if found else 0
+
+
+def prompt_tokens(result) -> int:
+    return int(re.search(r"prompt: (\d+) tokens", result.stderr)[1])
+
+
+def saved(home) -> list:
+    return sorted((home / "phi-console" / "prompts").glob("*.state"))
+
+
+def test_a_rerun_with_other_sampling_settings_restores_the_prompt_and_replies_as_a_fresh_run_would(hub, home):
+    first = run(hub, home, LONG)
+    assert restored(first) == 0 and first.stdout == fresh(hub, home, LONG)
+    for settings in ({"temperature": 0.7, "seed": 3}, {"top_p": 0.9, "repeat_penalty": 1.5}, {}):
+        again = run(hub, home, LONG, **settings)
+        assert restored(again) == prompt_tokens(again) - 1 > 512  # the last token's logits are not saved
+        assert again.stdout == fresh(hub, home, LONG, **settings)
+    assert len(saved(home)) == 1  # restoring a prompt does not save it again
+
+
+def test_a_reply_stopped_with_ctrl_c_still_leaves_its_prompt_for_the_rerun(hub, home):
+    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG, "--seed", "7",
+                    "--sample-len", "3000", hub=hub, home=home)
+    process.stdout.read(1)  # the reply has begun
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    again = run(hub, home, LONG, sample_len=3000)
+    assert restored(again) == prompt_tokens(again) - 1
+
+
+def test_a_short_prompt_is_restored_too(hub, home):
+    run(hub, home, "why is the sky blue")
+    again = run(hub, home, "why is the sky blue", seed=11)
+    assert restored(again) == prompt_tokens(again) - 1
+    assert again.stdout == fresh(hub, home, "why is the sky blue", seed=11)
+
+
+def test_a_prompt_that_shares_a_start_with_a_saved_one_reuses_whole_batches_of_it(hub, home):
+    run(hub, home, LONG + " quick brown fox")
+    again = run(hub, home, LONG + " blue sky")
+    assert restored(again) == 512  # the batch the two prompts share; the rest is evaluated as without it
+    assert again.stdout == fresh(hub, home, LONG + " blue sky")
+
+
+def test_what_a_shared_start_leaves_in_the_cache_is_what_evaluating_the_whole_prompt_leaves(hub, home, tmp_path):
+    # Each run saves its prompt's state: compare them byte for byte, the cache's every number.
+    run(hub, home, LONG + " quick brown fox")
+    assert restored(run(hub, home, LONG + " blue sky")) == 512
+    shutil.copytree(home, tmp_path / "fresh", ignore=shutil.ignore_patterns("prompts"))
+    assert restored(run(hub, tmp_path / "fresh", LONG + " blue sky")) == 0
+    record = json.loads((tmp_path / "fresh" / "phi-console" / "prompts").glob("*.json").__next__().read_text())
+    ours = [index for index in (home / "phi-console" / "prompts").glob("*.json")
+            if json.loads(index.read_text())["tokens"] == record["tokens"]]
+    assert json.loads(ours[0].read_text())["sha256"] == record["sha256"]
+
+
+def test_a_different_prompt_is_never_answered_from_another_prompts_state(hub, home):
+    run(hub, home, "why is the sky blue")
+    other = run(hub, home, "why is the fox quick")
+    assert restored(other) == 0
+    assert other.stdout == fresh(hub, home, "why is the fox quick")
+
+
+def test_another_model_file_evaluates_the_prompt_again(hub, home):
+    run(hub, home, "why is the sky blue")
+    other = run(hub, home, "why is the sky blue", model="three-layers.gguf")
+    assert restored(other) == 0
+    assert other.stdout == fresh(hub, home, "why is the sky blue", model="three-layers.gguf")
+
+
+@pytest.mark.parametrize("flags", [{"sample_len": 400}, {"threads": 1}])
+def test_another_context_size_or_thread_count_evaluates_the_prompt_again(hub, home, flags):
+    # A completion's cache holds its prompt and reply, in llama.cpp's steps of 256 tokens: 13 + 12 tokens fit
+    # in 256, 13 + 400 do not.
+    run(hub, home, "why is the sky blue", sample_len=12)
+    other = run(hub, home, "why is the sky blue", **{"sample_len": 12, **flags})
+    assert restored(other) == 0
+    assert other.stdout == fresh(hub, home, "why is the sky blue", **{"sample_len": 12, **flags})
+
+
+def test_a_longer_reply_with_the_same_seed_begins_with_the_shorter_one(hub, home):
+    # Whatever size of cache a completion gets, it computes the same numbers: more tokens only add to the reply.
+    short = run(hub, home, "why is the sky blue", sample_len=12)
+    long = run(hub, home, "why is the sky blue", sample_len=400)
+    assert long.stdout.startswith(short.stdout.rstrip(b"\n")) and len(long.stdout) > len(short.stdout)
+
+
+def test_a_state_saved_by_another_llama_cpp_build_is_not_used(hub, home):
+    run(hub, home, "why is the sky blue")
+    index = saved(home)[0].with_suffix(".json")
+    record = json.loads(index.read_text())
+    record["facts"]["llama.cpp"] = "0.0.1 CPU : AVX = 1 |"
+    index.write_text(json.dumps(record))
+    assert restored(run(hub, home, "why is the sky blue")) == 0
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "emptied", "deleted"])
+def test_a_damaged_state_is_ignored_and_replaced(hub, home, damage):
+    run(hub, home, LONG)
+    state = saved(home)[0]
+    data = bytearray(state.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2] ^= 0xFF  # one byte of the cache's numbers: only its hash can tell
+        state.write_bytes(data)
+    elif damage == "truncated":
+        state.write_bytes(data[: len(data) // 3])
+    elif damage == "emptied":
+        state.write_bytes(b"")
+    else:
+        state.unlink()
+    again = run(hub, home, LONG, seed=5)
+    assert restored(again) == 0 and "not using the saved state of this prompt" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert again.stdout == fresh(hub, home, LONG, seed=5)
+    assert restored(run(hub, home, LONG, seed=5)) > 0  # the damaged state was replaced by a good one
+
+
+def test_a_damaged_record_of_saved_prompts_is_ignored(hub, home):
+    run(hub, home, "why is the sky blue")
+    saved(home)[0].with_suffix(".json").write_text("{ not json")
+    again = run(hub, home, "why is the sky blue")
+    assert restored(again) == 0 and again.stdout == fresh(hub, home, "why is the sky blue")
+
+
+def test_saved_prompts_stay_within_their_disk_limit_dropping_the_least_recently_used(hub, home):
+    prompts = ["why is the sky blue", "why is the fox quick", "say hello world"]
+    run(hub, home, prompts[0])
+    size = saved(home)[0].stat().st_size
+    limit = 2.5 * size / 1e9  # room for two states of this size, not three
+    for prompt in [*prompts, prompts[0]]:  # the first is used again: the second is now the oldest
+        run(hub, home, prompt, prompt_cache_gb=limit)
+    assert sum(f.stat().st_size for f in saved(home)) <= limit * 1e9
+    assert restored(run(hub, home, prompts[1], prompt_cache_gb=limit)) == 0  # dropped
+    assert restored(run(hub, home, prompts[0], prompt_cache_gb=limit)) > 0
+
+
+def test_a_prompt_cache_of_zero_saves_nothing(hub, home):
+    run(hub, home, "why is the sky blue", prompt_cache_gb=0)
+    assert saved(home) == []
