@@ -6,12 +6,13 @@ Everything is measured in one run on this machine, with the same number of threa
 
 - the model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with random weights,
   quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
-- llama-bench is built with CMake from the sdist of the installed llama-cpp-python (same llama.cpp source,
-  same compile flags as requirements.txt's build), and its best configuration (`--repack`, `-fa`) counts;
+- llama-bench and llama-completion are built with CMake from the sdist of the installed llama-cpp-python (same
+  llama.cpp source, same compile flags as requirements.txt's build); llama-bench's best configuration
+  (`--repack`, `-fa`) counts, and llama-completion is the yardstick for a warm rerun's wall time;
 - phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
   once into the benchmark's HF_HOME, and every measured run starts from that cache.
 
-The first run spends a few minutes writing and quantizing the model and building llama-bench; both are
+The first run spends a few minutes writing and quantizing the model and building llama.cpp's tools; both are
 kept in ~/.cache/phi-console-bench (or $PHI_BENCH_CACHE) for later runs.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import os
 import platform
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from local_hub import Hub  # noqa: E402
+from phi_console import PROMPT as DEFAULT_PROMPT  # noqa: E402
 from phi3_models import quantize_q4_k_m, tokenizer_json, write_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,13 +66,14 @@ def bench_model() -> Path:
     return target
 
 
-def llama_bench() -> Path:
+def llama_tool(name: str) -> Path:
+    """llama.cpp's own `name` (llama-bench, llama-completion), built from the installed library's source."""
     version = importlib.metadata.version("llama-cpp-python")
     build = CACHE / f"llama-bench-{version}"
-    exe = build / "bin" / "llama-bench"
+    exe = build / "bin" / name
     if exe.exists():
         return exe
-    log(f"building llama-bench from the llama-cpp-python {version} sdist (a few minutes, once)...")
+    log(f"building {name} from the llama-cpp-python {version} sdist (a few minutes, once)...")
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                     f"llama-cpp-python=={version}", "-d", str(CACHE / "src")], check=True)
     source = CACHE / "src" / f"llama_cpp_python-{version}"
@@ -78,7 +84,7 @@ def llama_bench() -> Path:
         subprocess.run(["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build),
                         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", *BUILD_FLAGS],
                        check=True, stdout=build_log, stderr=build_log)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", f"-j{os.cpu_count()}"],
+        subprocess.run(["cmake", "--build", str(build), "--target", name, f"-j{os.cpu_count()}"],
                        check=True, stdout=build_log, stderr=build_log)
     return exe
 
@@ -166,12 +172,49 @@ def script_runs(command: list[str], env: dict[str, str]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def walls(commands: dict[str, list[str]], env: dict[str, str], before: dict | None = None) -> dict[str, float]:
+    """Median wall time of each command, run in turns RUNS times so that drift hits them all alike.
+
+    before[name], if given, runs untimed before each run of that command.
+    """
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(RUNS):
+        for name, command in commands.items():
+            if before and name in before:
+                before[name]()
+            started = time.perf_counter()
+            run_measured(command, env)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ctrl_c_latency(command: list[str], env: dict[str, str]) -> float:
+    """Median seconds from SIGINT, 1 s into evaluating a long prompt, to the script's exit (with code 130)."""
+    waits = []
+    for _ in range(RUNS):
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, env=env)
+        for line in process.stderr:  # --verbose: llama.cpp's last line before the prompt is evaluated
+            if b"reserve took" in line:
+                break
+        threading.Thread(target=process.stderr.read, daemon=True).start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        signalled = time.perf_counter()
+        code = process.wait(timeout=120)
+        waits.append(time.perf_counter() - signalled)
+        if code != 130:
+            raise RuntimeError(f"Ctrl-C during the prompt: exit {code}, not 130")
+    return statistics.median(waits)
+
+
 def main() -> None:
     import llama_cpp
 
     CACHE.mkdir(parents=True, exist_ok=True)
     model = bench_model()
-    exe = llama_bench()
+    exe = llama_tool("llama-bench")
+    completion = llama_tool("llama-completion")
     home = CACHE / "hf_home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
@@ -183,15 +226,33 @@ def main() -> None:
     hub.start()
     env["HF_ENDPOINT"] = hub.url
     long_prompt = " ".join(["hello world"] * 250)  # 510 tokens with the chat format
+    rerun_prompt = " ".join(["hello world"] * 420)  # 850 tokens: a long prompt rerun with new settings
+    saved_prompts = home / "phi-console" / "prompts"
 
-    def script(prompt: str, sample_len: int) -> list[str]:
+    def script(prompt: str, sample_len: int, *more: str) -> list[str]:
         return [sys.executable, str(SCRIPT), "--model-repo", MODEL_REPO, "--model-file", MODEL_FILE,
                 "--tokenizer-repo", TOKENIZER_REPO, "--temperature", "0", "--repeat-penalty", "1",
-                "--threads", str(THREADS), "--sample-len", str(sample_len), "--prompt", prompt, "--verbose"]
+                "--threads", str(THREADS), "--sample-len", str(sample_len), "--prompt", prompt, "--verbose", *more]
+
+    def evaluated(prompt: str, sample_len: int) -> list[str]:
+        """The script, made to evaluate its prompt rather than restore it."""
+        return script(prompt, sample_len, "--prompt-cache-gb", "0")
 
     run_measured(script("hello", 1), env)  # downloads if needed, and warms the page cache
     hub.stop()
 
+    log("warm reruns of the default prompt, one token: phi_console.py against llama-completion...")
+    blob = next((home / "hub").glob(f"models--{MODEL_REPO.replace('/', '--')}/snapshots/*/{MODEL_FILE}"))
+    run_measured(script(DEFAULT_PROMPT, 1), env)  # saves the default prompt's state for the runs that restore it
+    reruns = walls({"restored": script(DEFAULT_PROMPT, 1), "evaluated": evaluated(DEFAULT_PROMPT, 1),
+                    "llama-completion": [str(completion), "-m", str(blob), "-t", str(THREADS), "-n", "1",
+                                         "--no-warmup", "-no-cnv", "-p", f"<|user|>\n{DEFAULT_PROMPT}<|end|>\n<|assistant|>"]},
+                   env)
+    log("an 850-token prompt, then the same prompt with another temperature...")
+    rerun = walls({"first": script(rerun_prompt, 16), "rerun": script(rerun_prompt, 16, "--temperature", "0.7")}, env,
+                  before={"first": lambda: shutil.rmtree(saved_prompts, ignore_errors=True)})
+    log("Ctrl-C during a long prompt...")
+    stopped = ctrl_c_latency(evaluated(" ".join(["hello world"] * 1000), 1), env)
     log("measuring bandwidth...")
     bandwidth = read_bandwidth()
     log("llama-bench: generation, every configuration...")
@@ -199,11 +260,12 @@ def main() -> None:
     log("llama-bench: prompt evaluation, every configuration...")
     pp = best(run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "--repack", "0,1", "-fa", "0,1"))
     log("llama-bench: generation after a 500-token prompt...")
-    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "1", "-fa", "0"))
+    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "1", "-fa", "0,1"))
     log("phi_console.py: generation, prompt evaluation, and both together...")
-    short = script_runs(script("hello", GEN_TOKENS), env)
-    prompt = script_runs(script(long_prompt, 1), env)
-    both = script_runs(script(long_prompt, GEN_TOKENS), env)
+    short = script_runs(evaluated("hello", GEN_TOKENS), env)
+    prompt = script_runs(evaluated(long_prompt, 1), env)
+    both = script_runs(evaluated(long_prompt, GEN_TOKENS), env)
+
 
     log("the llama-cpp-python snippet (library defaults) on the same 500-token prompt...")
     formatted = f"<|user|>\n{long_prompt}<|end|>\n<|assistant|>"
@@ -255,6 +317,15 @@ def main() -> None:
         ("share of the bandwidth ceiling, generation", f"{short['tg']:.2f}",
          f"{ceiling:.2f} tok/s = {bandwidth / 1e9:.1f} GB/s / {per_token / 1e9:.2f} GB per token",
          f"{short['tg'] / ceiling:.2f}"),
+        ("warm rerun of the default prompt, 1 token, prompt restored (s)", f"{reruns['restored']:.2f}",
+         f"llama-completion -n 1 --no-warmup: {reruns['llama-completion']:.2f}",
+         f"{reruns['restored'] / reruns['llama-completion']:.2f}"),
+        ("warm rerun of the default prompt, 1 token, prompt evaluated (s)", f"{reruns['evaluated']:.2f}",
+         f"llama-completion -n 1 --no-warmup: {reruns['llama-completion']:.2f}",
+         f"{reruns['evaluated'] / reruns['llama-completion']:.2f}"),
+        ("850-token prompt + 16 tokens, rerun with another temperature (s)", f"{rerun['rerun']:.2f}",
+         f"the first run: {rerun['first']:.2f}", f"{rerun['rerun'] / rerun['first']:.2f}"),
+        ("Ctrl-C 1 s into a 2000-token prompt, until exit (s)", f"{stopped:.2f}", "", ""),
     ]
     print(f"phi-console benchmark, {time.strftime('%Y-%m-%d')}: {cpu}, {THREADS} threads, "
           f"{os.cpu_count()} logical CPUs, llama-cpp-python {importlib.metadata.version('llama-cpp-python')}")
