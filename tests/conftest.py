@@ -174,9 +174,13 @@ def crafted(model: str = "puck-goal.gguf", **settings: object) -> list[str]:
     A setting given as None is left out, so the script's own default (or stdin, for the prompt) applies.
     """
     chosen = {"temperature": 0, "repeat_penalty": 1.0, "sample_len": 8, "prompt": "say something", **settings}
-    flags = [x for name, value in chosen.items() if value is not None
-             for x in (f"--{name.replace('_', '-')}", str(value))]
-    return ["--model-repo", CRAFTED, "--model-file", model, *flags]
+    return ["--model-repo", CRAFTED, "--model-file", model, *flags(**chosen)]
+
+
+def flags(**settings: object) -> list[str]:
+    """`--top-p 0.5` for top_p=0.5: each setting as its flag; one given as None is left out."""
+    return [x for name, value in settings.items() if value is not None
+            for x in (f"--{name.replace('_', '-')}", str(value))]
 
 
 @pytest.fixture(scope="session")

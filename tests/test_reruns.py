@@ -14,7 +14,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import console, start
+from conftest import console, flags, start
 from phi3_models import quantize_q4_k_m, write_gguf
 
 RANDOM = "phi-console-tests/random"
@@ -46,8 +46,8 @@ def home(hub, random_models, tmp_path_factory):
 
 def run(hub, home, prompt: str, *, model: str = "two-layers.gguf", **settings: object):
     chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
-    flags = [x for name, value in chosen.items() for x in (f"--{name.replace('_', '-')}", str(value))]
-    return console("--model-repo", RANDOM, "--model-file", model, "--prompt", prompt, *flags, hub=hub, home=home)
+    return console("--model-repo", RANDOM, "--model-file", model, "--prompt", prompt, *flags(**chosen),
+                   hub=hub, home=home)
 
 
 def fresh(hub, home, prompt: str, **settings: object) -> bytes:
@@ -133,14 +133,14 @@ def test_another_model_file_evaluates_the_prompt_again(hub, home):
     assert other.stdout == fresh(hub, home, "why is the sky blue", model="three-layers.gguf")
 
 
-@pytest.mark.parametrize("flags", [{"sample_len": 400}, {"threads": 1}])
-def test_another_context_size_or_thread_count_evaluates_the_prompt_again(hub, home, flags):
+@pytest.mark.parametrize("changed", [{"sample_len": 400}, {"threads": 1}])
+def test_another_context_size_or_thread_count_evaluates_the_prompt_again(hub, home, changed):
     # A completion's cache holds its prompt and reply, in llama.cpp's steps of 256 tokens: 13 + 12 tokens fit
     # in 256, 13 + 400 do not.
     run(hub, home, "why is the sky blue", sample_len=12)
-    other = run(hub, home, "why is the sky blue", **{"sample_len": 12, **flags})
+    other = run(hub, home, "why is the sky blue", **{"sample_len": 12, **changed})
     assert restored(other) == 0
-    assert other.stdout == fresh(hub, home, "why is the sky blue", **{"sample_len": 12, **flags})
+    assert other.stdout == fresh(hub, home, "why is the sky blue", **{"sample_len": 12, **changed})
 
 
 def test_a_longer_reply_with_the_same_seed_begins_with_the_shorter_one(hub, home):
