@@ -32,6 +32,7 @@ import signal
 import stat
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar
 
@@ -114,6 +115,7 @@ CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # token
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
 BATCH = 512  # prompt tokens evaluated per llama_decode call
+LINK_REFRESHES = 3  # fresh download links asked of the hub in a row, with no byte between, before giving up
 
 T = TypeVar("T")
 
@@ -289,7 +291,7 @@ def fetch(repo: str, name: str, revision: str, meta: Any, *, state: Path, timeou
         for leftover in partial.parent.glob(f"{meta.etag}.*.incomplete"):  # the library's, from killed runs
             leftover.unlink(missing_ok=True)
         while not blob.exists():
-            resumed = fetch_rest(meta.location, partial, size=meta.size, name=name)
+            resumed = fetch_rest(repo, name, revision, meta, partial, timeout=timeout)
             if hashes_to(partial, meta.etag):
                 os.replace(partial, blob)
                 remember_verified(str(blob), state=state)
@@ -301,16 +303,57 @@ def fetch(repo: str, name: str, revision: str, meta: Any, *, state: Path, timeou
     return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
 
 
-def fetch_rest(url: str, partial: Path, *, size: Optional[int], name: str) -> int:
-    """Append what `partial` lacks of the file at `url`; returns how many bytes it already had."""
+def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *, timeout: float) -> int:
+    """Append what `partial` lacks of the file `meta` describes; returns how many bytes it already had.
+
+    The hub sends the bytes from another host, through a signed link that expires (after an hour on
+    huggingface.co): a slow download, or a retry after a dropped connection, can outlive it. When that host
+    refuses the link, one HEAD asks the hub for a fresh one and the download goes on from the bytes on disk.
+    """
     hub_constants.DOWNLOAD_CHUNK_SIZE = 1 << 20  # written every MiB (not 10): a stop loses at most that
     with open(partial, "r+b" if partial.exists() else "wb") as f:
-        have = f.seek(0, os.SEEK_END)
-        if size is not None and have > size:  # longer than the file: not a beginning of it
+        had = have = f.seek(0, os.SEEK_END)
+        if meta.size is not None and have > meta.size:  # longer than the file: not a beginning of it
             f.truncate(0)
-            have = f.seek(0)
-        http_get(url, f, resume_size=have, headers=build_hf_headers(), expected_size=size, displayed_filename=name)
-    return have
+            had = have = f.seek(0)
+        refusals = 0  # in a row, with no byte arriving between them
+        while True:
+            try:
+                http_get(meta.location, f, resume_size=have, headers=headers_for(meta.location),
+                         expected_size=meta.size, displayed_filename=name)
+                return had
+            except hub_errors.HfHubHTTPError as error:
+                status = error.response.status_code if error.response is not None else None
+                if status not in (401, 403):
+                    raise
+                got = f.seek(0, os.SEEK_END)
+                refusals = 1 if got > have else refusals + 1
+                have = got
+                if refusals > LINK_REFRESHES:
+                    fail(f"the file host refused {repo}/{name} with HTTP {status} {refusals} times in a row, also with "
+                         f"fresh links from the hub; run again later to resume after the {have / 1e9:.2f} GB here")
+            fresh = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout)
+            if fresh.etag != meta.etag or not fresh.location:
+                fail(f"{repo}/{name} changed on the hub during the download; run again to download the new file")
+            meta = fresh
+
+
+def headers_for(url: str) -> dict[str, str]:
+    """huggingface_hub's request headers, with the user's token only if `url` is on the hub itself.
+
+    A signed link points to a CDN or storage host that must never see the token; huggingface_hub drops it
+    there too (file_download.py: `_is_same_or_hub_host`), by the same comparison of origins.
+    """
+    headers = build_hf_headers()
+    if origin(url) not in {origin(hub_constants.ENDPOINT), origin("https://huggingface.co"), origin("https://hf.co")}:
+        headers.pop("authorization", None)
+    return headers
+
+
+def origin(url: str) -> tuple[str, str, Optional[int]]:
+    """(scheme, host, port) with the scheme's default port: two URLs share an origin when these are equal."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def hashes_to(path: Path, etag: str) -> bool:

@@ -101,9 +101,11 @@ def hub(models: dict[str, bytes]) -> Hub:
 
 @pytest.fixture(autouse=True)
 def fresh_log(request: pytest.FixtureRequest) -> None:
-    """Each test sees only its own requests in hub.requests."""
+    """Each test sees only its own requests in hub.requests and hub.authorization."""
     if "hub" in request.fixturenames:
-        request.getfixturevalue("hub").requests.clear()
+        hub = request.getfixturevalue("hub")
+        hub.requests.clear()
+        hub.authorization.clear()
 
 
 @pytest.fixture(scope="session")

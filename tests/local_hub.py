@@ -2,15 +2,18 @@
 
 `HEAD/GET /{repo}/resolve/{revision}/{file}` answers like the real hub: `X-Repo-Commit` names the
 commit, small files come back directly with their git blob sha1 as ETag, large (LFS) files answer
-with a redirect to a CDN URL plus `X-Linked-Etag` (their sha256) and `X-Linked-Size`, and failures
-carry the `X-Error-Code` header that huggingface_hub turns into typed errors. The CDN honours
-`Range`, so interrupted transfers can resume; like the real one it is another origin (a second port),
-so the client stops at the redirect and reads the metadata from it. Every request is recorded in
-`requests`.
+with a redirect to a signed CDN URL plus `X-Linked-Etag` (their sha256) and `X-Linked-Size`, and
+failures carry the `X-Error-Code` header that huggingface_hub turns into typed errors. The CDN honours
+`Range`, so interrupted transfers can resume; like the real one it is another host (127.0.0.2, where
+the hub is 127.0.0.1), so the client stops at the redirect and reads the metadata from it, and must not
+send the user's token there. Every request is recorded in `requests`, and who sent which
+`Authorization` header in `authorization`.
 
 Faults to inject, only inside `with hub.faults(...)` so that none outlives its test: `throttle` (bytes per
 second for file bodies), `drop_after` (the next body from offset 0 stops after that many bytes and the
-connection closes), `hang` (accept every connection, never answer).
+connection closes), `expire_on_drop` (that drop also expires every signed URL handed out so far: they
+answer 403, as the real CDN's do after an hour), `refuse` (the CDN answers 403 to every link), `hang`
+(accept every connection, never answer).
 """
 from __future__ import annotations
 
@@ -44,12 +47,16 @@ class Repo:
 class Hub:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    authorization: list[tuple[str, str | None]] = field(default_factory=list)  # (hub or cdn, the header's value)
     sent: int = 0  # bytes of file bodies sent from the CDN, over all requests
     blobs: dict[str, bytes] = field(default_factory=dict)
     url: str = ""
     cdn_url: str = ""
     throttle: float = 0.0
     drop_after: int | None = None
+    expire_on_drop: bool = False
+    refuse: bool = False
+    signature: int = 0  # what the CDN's URLs are signed with now; older signatures have expired
     hang: bool = False
     stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -61,13 +68,15 @@ class Hub:
         return repo
 
     @contextlib.contextmanager
-    def faults(self, *, throttle: float = 0.0, drop_after: int | None = None, hang: bool = False) -> Iterator[None]:
+    def faults(self, *, throttle: float = 0.0, drop_after: int | None = None, expire_on_drop: bool = False,
+               refuse: bool = False, hang: bool = False) -> Iterator[None]:
         """Misbehave as told inside the block; behave again when it ends, however it ends."""
-        self.throttle, self.drop_after, self.hang = throttle, drop_after, hang
+        self.throttle, self.drop_after, self.expire_on_drop, self.refuse, self.hang = (
+            throttle, drop_after, expire_on_drop, refuse, hang)
         try:
             yield
         finally:
-            self.throttle, self.drop_after, self.hang = 0.0, None, False
+            self.throttle, self.drop_after, self.expire_on_drop, self.refuse, self.hang = 0.0, None, False, False, False
 
     def start(self) -> "Hub":
         hub = self
@@ -103,9 +112,16 @@ class Hub:
             def answer(self, body: bool) -> None:
                 while hub.hang and not hub.stopped.wait(0.1):
                     pass  # a hub that accepted the connection and never answers
-                path = urllib.parse.urlsplit(self.path).path
+                url = urllib.parse.urlsplit(self.path)
+                path, on_cdn = url.path, self.server is hub.servers[1]
+                hub.authorization.append(("cdn" if on_cdn else "hub", self.headers.get("Authorization")))
                 cdn = re.fullmatch(r"/cdn/([0-9a-f]{64})", path)
-                if cdn and cdn.group(1) in hub.blobs:
+                if on_cdn:
+                    if not cdn or cdn.group(1) not in hub.blobs:
+                        return self.send(404, {}, b"NoSuchKey", body)
+                    signed = urllib.parse.parse_qs(url.query).get("X-Amz-Signature") == [str(hub.signature)]
+                    if hub.refuse or not signed:
+                        return self.send(403, {}, b"<Error><Code>AccessDenied</Code>Request has expired</Error>", body)
                     return self.serve_blob(hub.blobs[cdn.group(1)], body)
                 match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if not match:
@@ -123,7 +139,8 @@ class Hub:
                 data = repo.files[name]
                 if len(data) >= LFS_THRESHOLD or name.endswith(".gguf"):
                     sha = hashlib.sha256(data).hexdigest()
-                    return self.send(302, {"Location": f"{hub.cdn_url}/cdn/{sha}", "X-Repo-Commit": repo.commit,
+                    signed = f"{hub.cdn_url}/cdn/{sha}?X-Amz-Expires=3600&X-Amz-Signature={hub.signature}"
+                    return self.send(302, {"Location": signed, "X-Repo-Commit": repo.commit,
                                            "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}, b"", body)
                 self.send(200, {"X-Repo-Commit": repo.commit, "ETag": f'"{git_blob_sha1(data)}"',
                                 "Accept-Ranges": "bytes"}, data, body)
@@ -152,11 +169,13 @@ class Hub:
                     if hub.throttle:
                         time.sleep(len(chunk) / hub.throttle)
                 if stop_at <= end:  # cut the connection mid-body, as a flaky network does
+                    if hub.expire_on_drop:
+                        hub.signature += 1
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
 
-        self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in ("hub", "cdn")]
-        self.url, self.cdn_url = (f"http://127.0.0.1:{server.server_address[1]}" for server in self.servers)
+        self.servers = [ThreadingHTTPServer((host, 0), Handler) for host in ("127.0.0.1", "127.0.0.2")]
+        self.url, self.cdn_url = (f"http://{host}:{port}" for host, port in (s.server_address for s in self.servers))
         for server in self.servers:
             server.daemon_threads = True
             threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -267,3 +267,52 @@ def test_a_hostile_gguf_is_refused_in_one_line(hub, tmp_path, name):
 def test_a_tokenizer_without_what_phi3_needs_is_refused(hub, warm_home, repo, expected):
     line = the_error(console(*crafted(), "--tokenizer-repo", repo, hub=hub, home=warm_home))
     assert expected in line
+
+
+TOKEN = "hf_phiConsoleTestsSecretToken0123456789"  # what HF_TOKEN holds in the token tests
+
+
+def never_shows_the_token(result, home: Path) -> None:
+    """The token appears in none of what the script printed or wrote."""
+    assert TOKEN not in result.stderr and TOKEN.encode() not in result.stdout
+    for path in home.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_the_token_goes_to_the_hub_and_never_to_the_file_host(hub, tmp_path):
+    with hub.faults(drop_after=3 << 20):  # the resumed request after the drop too
+        result = default_run(hub, tmp_path, env={"HF_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PENALISED
+    sent_to = {who: [value for w, value in hub.authorization if w == who] for who in ("hub", "cdn")}
+    assert len(sent_to["cdn"]) == 2 and set(sent_to["cdn"]) == {None}  # the download and its resumption
+    assert set(sent_to["hub"]) == {f"Bearer {TOKEN}"}  # every request to the hub itself carries it
+    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
+    never_shows_the_token(result, tmp_path)
+
+
+def test_a_link_that_expires_mid_download_is_replaced_and_only_the_rest_is_sent(hub, tmp_path):
+    hub.sent = 0
+    with hub.faults(drop_after=3 << 20, expire_on_drop=True):  # the retry after the drop meets an expired link
+        result = default_run(hub, tmp_path, env={"HF_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == PENALISED
+    model_heads = [path for method, path in hub.requests if method == "HEAD" and path.endswith(MODEL_FILE)]
+    assert len(model_heads) == 3  # the first, the one asking for a fresh link, and hf_hub_download's own
+    assert hub.sent == len(served_model(hub))  # the 3 MiB before the drop, then only the rest
+    assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
+    assert partial_files(tmp_path) == [] and leftovers(tmp_path) == []
+    assert "X-Amz" not in result.stderr
+    never_shows_the_token(result, tmp_path)
+
+
+def test_a_file_host_that_refuses_every_link_is_one_line_after_a_few_fresh_links(hub, tmp_path):
+    with hub.faults(refuse=True):
+        result = default_run(hub, tmp_path, env={"HF_TOKEN": TOKEN})
+    line = the_error(result)
+    assert "refused" in line and "HTTP 403" in line and MODEL_FILE in line
+    assert "X-Amz" not in line and "127.0.0.2" not in line  # no signed link in the message
+    model_heads = [path for method, path in hub.requests if method == "HEAD" and path.endswith(MODEL_FILE)]
+    assert len(model_heads) == 4  # the first link and three fresh ones, then it stops
+    never_shows_the_token(result, tmp_path)
