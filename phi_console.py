@@ -31,6 +31,7 @@ import shutil
 import signal
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -42,7 +43,8 @@ try:
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub import errors as hub_errors
     from huggingface_hub.file_download import http_get, repo_folder_name
-    from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars
+    from huggingface_hub.utils import WeakFileLock, are_progress_bars_disabled, build_hf_headers, disable_progress_bars
+    from huggingface_hub.utils import tqdm as hub_tqdm
     from huggingface_hub.utils import httpx as hub_httpx
     from huggingface_hub.utils import logging as hub_logging
 except ImportError as missing:
@@ -115,6 +117,7 @@ CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # token
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
 BATCH = 512  # prompt tokens evaluated per llama_decode call
+LOAD_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"  # the load's bar counts percent, not bytes
 LINK_REFRESHES = 3  # fresh download links asked of the hub in a row, with no byte between, before giving up
 
 T = TypeVar("T")
@@ -130,6 +133,40 @@ def note(message: str, *, quiet: bool) -> None:
     if not quiet:
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def progress(what: str, *, total: float, unit: str, bar_format: Optional[str] = None) -> Iterator[list[float]]:
+    """A bar on stderr, like the download's, for work that may take seconds; yields [done] for the work to update.
+
+    A thread redraws it twice a second, so it moves while llama.cpp holds the main thread. It appears only after
+    a second, only at a terminal, never with --quiet, and is erased when the work ends, so stdout and the
+    terminal stay clean.
+    """
+    done = [0.0]
+    if are_progress_bars_disabled() or not sys.stderr.isatty():
+        yield done
+        return
+    finished = threading.Event()
+
+    def draw() -> None:
+        if finished.wait(1.0):
+            return
+        with hub_tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", leave=False, file=sys.stderr,
+                      bar_format=bar_format) as bar:
+            while True:
+                bar.n = min(int(done[0]), int(total))
+                bar.refresh()
+                if finished.wait(0.5):
+                    return
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        yield done
+    finally:
+        finished.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,15 +398,16 @@ def hashes_to(path: Path, etag: str) -> bool:
     if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
         return True  # not named by a hash: nothing to check against
     digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    return file_digest(path, digest) == etag
+    return file_digest(path, digest, what=f"checking {path.name[:16]}") == etag
 
 
-def file_digest(path: Path, digest: Any = None) -> str:
-    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
+def file_digest(path: Path, digest: Any = None, *, what: str = "checking") -> str:
+    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time (2.4 GB: seconds)."""
     digest = digest or hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, progress(what, total=os.fstat(f.fileno()).st_size, unit="B") as done:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
+            done[0] += len(chunk)
     return digest.hexdigest()
 
 
@@ -488,7 +526,18 @@ def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -
     # the tensors used in place are shared with that cache, and pages of tensors that were repacked into a
     # faster layout are never touched again, so the OS may drop them. Reading the file instead (load mode NONE)
     # made a warm start 1.5x slower and kept a private copy as large as the file.
-    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    with signals_noted() as caught, progress("loading", total=100, unit="%", bar_format=LOAD_BAR) as done:
+
+        def loaded(fraction: float, data: ctypes.c_void_p) -> bool:  # llama.cpp reports as it reads; False stops it
+            done[0] = fraction * 100
+            return not caught
+
+        params.progress_callback = llama_cpp.llama_progress_callback(loaded)
+        model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    if caught:
+        if model:
+            llama_cpp.llama_model_free(model)
+        raise_caught(caught)
     if not model:
         reason = log_errors[0].split(": ", 1)[-1] if log_errors else "llama.cpp could not read it"
         fail(f"{path} is not a loadable GGUF model ({reason}); delete it to download it again")
@@ -572,44 +621,65 @@ def evaluate(ctx: "llama_cpp.llama_context_p", tokens: list[int]) -> None:
     """Feed tokens to the model a batch at a time; only the last one's logits are kept.
 
     Ctrl-C or SIGTERM stops it within one graph node, not one batch (seconds of work), and raises as the
-    signal would have; the KV cache then holds exactly the batches that were evaluated whole.
+    signal would have; the KV cache then holds exactly the batches that were evaluated whole. A bar shows
+    how far it is, also within a batch: llama.cpp computes the same number of graph nodes for every batch,
+    so the nodes of the first one measure the rest.
     """
     batch, memory = llama_cpp.llama_n_batch(ctx), llama_cpp.llama_get_memory(ctx)
-    with stoppable(ctx) as caught:
-        for start in range(0, len(tokens), batch):
-            known = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
-            chunk = tokens[start : start + batch]
-            array = (llama_cpp.llama_token * len(chunk))(*chunk)
-            status = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
-            if status == 2:  # aborted: drop whatever of this batch reached the cache
-                llama_cpp.llama_memory_seq_rm(memory, 0, known, -1)
-            elif status != 0:
-                fail("llama.cpp failed to evaluate the prompt")
-            if caught:
-                break
-    if caught:
-        raise KeyboardInterrupt if caught[0] == signal.SIGINT else SystemExit(128 + caught[0])
+    nodes = [0, 0]  # graph nodes computed in the batch under way, and in a whole batch (once one has finished)
+    span = [0, 0]  # where the batch under way starts in `tokens`, and its length
+    with signals_noted() as caught, progress("prompt", total=len(tokens), unit="tok") as done:
+
+        def after_node(data: ctypes.c_void_p) -> bool:  # llama.cpp asks this after every graph node
+            nodes[0] += 1
+            if nodes[1]:
+                done[0] = span[0] + span[1] * min(nodes[0] / nodes[1], 1.0)
+            return bool(caught)
+
+        callback = llama_cpp.ggml_abort_callback(after_node)
+        llama_cpp.llama_set_abort_callback(ctx, callback, None)
+        try:
+            for start in range(0, len(tokens), batch):
+                known = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
+                chunk = tokens[start : start + batch]
+                array = (llama_cpp.llama_token * len(chunk))(*chunk)
+                nodes[0], span[:] = 0, [start, len(chunk)]
+                status = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
+                if status == 2:  # aborted: drop whatever of this batch reached the cache
+                    llama_cpp.llama_memory_seq_rm(memory, 0, known, -1)
+                elif status != 0:
+                    fail("llama.cpp failed to evaluate the prompt")
+                if caught:
+                    break
+                nodes[1] = nodes[1] or nodes[0]
+                done[0] = start + len(chunk)
+        finally:
+            llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+    raise_caught(caught)
 
 
 @contextlib.contextmanager
-def stoppable(ctx: "llama_cpp.llama_context_p") -> Iterator[list[int]]:
-    """Let Ctrl-C and SIGTERM stop llama_decode between two graph nodes; yields the signals caught.
+def signals_noted() -> Iterator[list[int]]:
+    """While llama.cpp works, Ctrl-C and SIGTERM are only noted; yields the signals caught.
 
-    Python runs its signal handlers only between its own bytecodes, so a signal waits for a long llama_decode
-    to return. llama.cpp asks an abort callback after every graph node; here the handlers only note the
-    signal (raising inside a ctypes callback is lost) and the callback tells llama.cpp to stop.
+    Python runs its signal handlers only between its own bytecodes, so a signal waits for a long llama.cpp
+    call to return, and an exception raised inside a ctypes callback is lost. Instead the callbacks llama.cpp
+    asks (the abort callback after every graph node, the load's progress callback) see the note and tell it
+    to stop; raise_caught then raises as the signal would have. An inherited SIG_IGN is kept.
     """
     caught: list[int] = []
     watched = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in watched}
-    stop = llama_cpp.ggml_abort_callback(lambda data: bool(caught))
-    llama_cpp.llama_set_abort_callback(ctx, stop, None)
     try:
         yield caught
     finally:
-        llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def raise_caught(caught: list[int]) -> None:
+    if caught:
+        raise KeyboardInterrupt if caught[0] == signal.SIGINT else SystemExit(128 + caught[0])
 
 
 def restore_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: dict[str, Any], *, folder: Path,

@@ -1,0 +1,100 @@
+"""Every long wait moves a bar at a terminal, like the download's; nothing of it reaches a pipe or stdout."""
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+
+from conftest import SCRIPT, as_a_user, console, environment_for
+
+LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
+BAR = re.compile(rb"prompt:\s+(\d+)%\|[^|]*\|\s+(\d+)/(\d+)")  # tqdm's "prompt:  42%|####  | 640/1503 [...]"
+
+
+@pytest.fixture(scope="module")
+def slow_home(hub, slow_model, tmp_path_factory):
+    home = tmp_path_factory.mktemp("slow_home")
+    assert console(*slow_model, "--sample-len", "1", hub=hub, home=home).returncode == 0  # downloaded once
+    return home
+
+
+def run_long_prompt(hub, home, model_flags, *extra: str, stderr_at_a_terminal: bool) -> tuple:
+    """Run a prompt of seconds with stdout a pipe and stderr a terminal (80 columns) or a pipe.
+
+    Returns the exit code, stdout, stderr, when stdout's first byte came, and each piece of stderr with when it came.
+    """
+    args = [sys.executable, str(SCRIPT), *model_flags, "--prompt", LONG_PROMPT, "--sample-len", "3",
+            "--prompt-cache-gb", "0", *extra]  # no saved prompt: every run evaluates it
+    if stderr_at_a_terminal:
+        reader, writer = pty.openpty()
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        modes = termios.tcgetattr(writer)
+        modes[1] &= ~termios.ONLCR  # read exactly the bytes the script wrote: no "\r" added before each "\n"
+        termios.tcsetattr(writer, termios.TCSANOW, modes)
+    else:
+        reader, writer = os.pipe()
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=writer,
+                               env=environment_for(hub, home), preexec_fn=as_a_user)
+    os.close(writer)
+    first_stdout: list[float] = []
+    stdout = bytearray()
+
+    def read_stdout() -> None:
+        for chunk in iter(lambda: process.stdout.read1(4096), b""):
+            first_stdout.append(time.monotonic())
+            stdout.extend(chunk)
+
+    thread = threading.Thread(target=read_stdout, daemon=True)
+    thread.start()
+    pieces: list[tuple[float, bytes]] = []
+    while True:
+        try:
+            chunk = os.read(reader, 4096)
+        except OSError:  # the terminal's other end closed
+            chunk = b""
+        if not chunk:
+            break
+        pieces.append((time.monotonic(), chunk))
+    os.close(reader)
+    process.wait(timeout=120)
+    thread.join(timeout=10)
+    stderr = b"".join(chunk for _, chunk in pieces)
+    return process.returncode, bytes(stdout), stderr, (first_stdout or [float("inf")])[0], pieces
+
+
+def test_at_a_terminal_a_long_prompt_shows_a_moving_bar_that_is_gone_before_the_reply(hub, slow_model, slow_home):
+    code, stdout, stderr, reply_began, pieces = run_long_prompt(hub, slow_home, slow_model, stderr_at_a_terminal=True)
+    assert code == 0, stderr
+    drawn = [(at, match) for at, chunk in pieces for match in BAR.finditer(chunk)]
+    assert len(drawn) >= 5, stderr
+    total = int(drawn[0][1].group(3))
+    assert total > 1000  # the whole prompt, counted in tokens
+    counts = [int(match.group(2)) for _, match in drawn]
+    assert counts == sorted(counts)  # it only moves forward
+    assert any(0 < n < total and n % 512 for n in counts)  # it moves within a batch, not only between them
+    times = [at for at, _ in drawn]
+    assert max(b - a for a, b in zip(times, times[1:])) < 2.0  # it moves at least every two seconds
+    assert times[-1] < reply_began  # drawn while the prompt was evaluated, before the reply
+    assert stderr.rsplit(b"\r", 1)[-1].startswith(b"loaded in")  # erased: the report starts on a clean line
+    assert b"\r" not in stdout and not BAR.search(stdout)  # the reply alone on stdout
+    assert stdout.endswith(b"\n") and len(stdout) > 1
+
+
+@pytest.mark.parametrize("where", ["stderr a pipe", "--quiet at a terminal"])
+def test_in_a_pipe_or_with_quiet_no_bar_is_drawn(hub, slow_model, slow_home, where):
+    at_a_terminal = where != "stderr a pipe"
+    extra = ("--quiet",) if at_a_terminal else ()
+    code, stdout, stderr, _, _ = run_long_prompt(hub, slow_home, slow_model, *extra, stderr_at_a_terminal=at_a_terminal)
+    assert code == 0, stderr
+    assert b"\r" not in stderr and not BAR.search(stderr)
+    assert b"\r" not in stdout and not BAR.search(stdout)
+    assert stdout.endswith(b"\n") and len(stdout) > 1
