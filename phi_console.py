@@ -12,6 +12,18 @@
 The first run downloads the model (about 2.4 GB) and its tokenizer into the Hugging Face cache;
 later runs start from the cache without touching the network. Edit the settings below and rerun,
 or pass the same settings as flags (--help lists them). Only the completion goes to stdout.
+
+The file, in the order the work happens (the sections marked optional can be skipped on a first read):
+  Settings         the constants to edit, and SETTINGS: each one's type, check and meaning
+  Command line     flags over constants, every value checked before anything slow; the prompt from stdin
+  Download         the cache first, the hub only for what it lacks; every file checked against its hash
+  Resumable        (optional) a stopped download goes on where it stopped; the token stays on the hub
+  Load             llama.cpp maps the weights; the model and tokenizer must agree
+  Prompt           Phi-3's chat format; evaluate(), the batches a prompt is fed in, with Ctrl-C and a bar
+  Stream           the sampler, generate() (the token loop), complete(): one reply to one prompt
+  Saved prompts    (optional) a rerun restores its evaluated prompt instead of evaluating it again
+  Chat             (optional) a conversation kept in the KV cache; /save and /load
+  Main             main(): settings -> download -> load -> prompt -> stream -> report
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import codecs
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -35,7 +48,8 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Optional, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
+from collections.abc import Callable, Iterator
 
 try:
     import llama_cpp
@@ -72,41 +86,52 @@ MODEL_REVISION = "main"  # branch, tag, or a 40-hex commit that pins the exact b
 TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"  # repo whose tokenizer.json names the stop tokens
 TOKENIZER_REVISION = "main"  # branch, tag or commit of the tokenizer's repo
 
+class Setting(NamedTuple):
+    """One row of SETTINGS: how a setting is read, checked and explained."""
+
+    kind: type  # what a flag's text is read as
+    none: bool  # may be None ("none" as text)
+    valid: Callable[[Any], bool]  # when a value of that kind is allowed
+    must_be: str  # the same in words, for error lines and --help
+    meaning: str  # --help's and /help's line
+
+
 # Each setting once. Its name spells the constant (TOP_P), the flag (--top-p) and chat's `/set top_p`.
-# type: what a flag's text is read as; none: may be None ("none" as text); valid: when a value of that type
-# is allowed, and must_be: the same in words; meaning: --help's and /help's line.
-SETTINGS: dict[str, tuple[type, bool, Callable[[Any], bool], str, str]] = {
-    "prompt": (str, False, lambda s: s.strip() != "", "non-empty text",
-               "your words; '-' reads stdin, as does a pipe when --prompt is absent"),
-    "system": (str, True, lambda s: s.strip() != "", "non-empty text, or none",
-               "instructions the model reads before your first message"),
-    "temperature": (float, False, lambda t: t >= 0, "a number >= 0", "0 = greedy, higher = more random"),
-    "top_p": (float, True, lambda p: 0 < p <= 1, "a number in (0, 1], or none",
-              "draw only from the likeliest tokens whose probabilities add up to P; none = off"),
-    "repeat_penalty": (float, False, lambda x: x > 0, "a number > 0",
-                       "1.0 = off; above 1, tokens the reply has already used become less likely"),
-    "repeat_last_n": (int, False, lambda n: n >= 0, "an integer >= 0",
-                      "how many of the reply's latest tokens the penalty looks at; 0 = none"),
-    "sample_len": (int, False, lambda n: n >= 1, "an integer >= 1", "the most tokens to generate"),
-    "seed": (int, True, lambda n: 0 <= n <= MAX_SEED, "an integer in 0..4294967294, or none",
-             "the same seed repeats a run exactly; none = random, printed at the end"),
-    "chat": (bool, False, lambda b: True, "True or False", "talk back and forth at a '>>> ' prompt (/help there)"),
-    "ctx": (int, False, lambda n: n >= 1, "an integer >= 1",
-            "tokens of context: prompt + reply, or the whole chat; at most the model's own"),
-    "threads": (int, True, lambda n: n >= 1, "an integer >= 1, or none", "CPU threads; none = one per physical core"),
-    "gpu_layers": (int, True, lambda n: n >= -1, "an integer >= -1, or none",
-                   "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
-    "prompt_cache_gb": (float, False, lambda g: g >= 0, "a number >= 0",
-                        "disk (in the Hugging Face cache) for the evaluated prompts of recent runs, so that a rerun "
-                        "of one starts at once; 0 = off"),
-    "model_repo": (str, False, lambda s: s.strip() != "", "a repo name", "Hugging Face repo of the GGUF weights"),
-    "model_file": (str, False, lambda s: s.strip() != "", "a file name", "the GGUF file in that repo"),
-    "model_revision": (str, False, lambda s: s.strip() != "", "a branch, tag or commit",
-                       "revision of the model repo; a commit pins the exact bytes"),
-    "tokenizer_repo": (str, False, lambda s: s.strip() != "", "a repo name",
-                       "repo whose tokenizer.json names the stop tokens"),
-    "tokenizer_revision": (str, False, lambda s: s.strip() != "", "a branch, tag or commit",
-                           "revision of the tokenizer's repo"),
+SETTINGS: dict[str, Setting] = {
+    "prompt": Setting(str, False, lambda s: s.strip() != "", "non-empty text",
+                      "your words; '-' reads stdin, as does a pipe when --prompt is absent"),
+    "system": Setting(str, True, lambda s: s.strip() != "", "non-empty text, or none",
+                      "instructions the model reads before your first message"),
+    "temperature": Setting(float, False, lambda t: t >= 0, "a number >= 0", "0 = greedy, higher = more random"),
+    "top_p": Setting(float, True, lambda p: 0 < p <= 1, "a number in (0, 1], or none",
+                     "draw only from the likeliest tokens whose probabilities add up to P; none = off"),
+    "repeat_penalty": Setting(float, False, lambda x: x > 0, "a number > 0",
+                              "1.0 = off; above 1, tokens the reply has already used become less likely"),
+    "repeat_last_n": Setting(int, False, lambda n: n >= 0, "an integer >= 0",
+                             "how many of the reply's latest tokens the penalty looks at; 0 = none"),
+    "sample_len": Setting(int, False, lambda n: n >= 1, "an integer >= 1", "the most tokens to generate"),
+    "seed": Setting(int, True, lambda n: 0 <= n <= MAX_SEED, "an integer in 0..4294967294, or none",
+                    "the same seed repeats a run exactly; none = random, printed at the end"),
+    "chat": Setting(bool, False, lambda b: True, "True or False",
+                    "talk back and forth at a '>>> ' prompt (/help there)"),
+    "ctx": Setting(int, False, lambda n: n >= 1, "an integer >= 1",
+                   "tokens of context: prompt + reply, or the whole chat; at most the model's own"),
+    "threads": Setting(int, True, lambda n: n >= 1, "an integer >= 1, or none",
+                       "CPU threads; none = one per physical core"),
+    "gpu_layers": Setting(int, True, lambda n: n >= -1, "an integer >= -1, or none",
+                          "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
+    "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
+                               "disk (in the Hugging Face cache) for the evaluated prompts of recent runs, "
+                               "so that a rerun of one starts at once; 0 = off"),
+    "model_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name",
+                          "Hugging Face repo of the GGUF weights"),
+    "model_file": Setting(str, False, lambda s: s.strip() != "", "a file name", "the GGUF file in that repo"),
+    "model_revision": Setting(str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+                              "revision of the model repo; a commit pins the exact bytes"),
+    "tokenizer_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name",
+                              "repo whose tokenizer.json names the stop tokens"),
+    "tokenizer_revision": Setting(str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+                                  "revision of the tokenizer's repo"),
 }
 DEFAULTS = {name: globals()[name.upper()] for name in SETTINGS}  # each setting's constant, by its name
 CHAT_SETTINGS = ("system", "temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
@@ -136,7 +161,7 @@ def note(message: str, *, quiet: bool) -> None:
 
 
 @contextlib.contextmanager
-def progress(what: str, *, total: float, unit: str, bar_format: Optional[str] = None) -> Iterator[list[float]]:
+def progress(what: str, *, total: float, unit: str, bar_format: str | None = None) -> Iterator[list[float]]:
     """A bar on stderr, like the download's, for work that may take seconds; yields [done] for the work to update.
 
     A thread redraws it twice a second, so it moves while llama.cpp holds the main thread. It appears only after
@@ -170,23 +195,23 @@ def progress(what: str, *, total: float, unit: str, bar_format: Optional[str] = 
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings from the command line, checked before anything slow happens
+# Command line: settings from flags, checked before anything slow happens
 # ---------------------------------------------------------------------------------------------
-def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_settings(argv: list[str] | None) -> argparse.Namespace:
     """One flag per setting, each defaulting to its constant; a bad value is refused, never clamped."""
     parser = argparse.ArgumentParser(
         description="Stream a completion from Phi-3-mini (llama.cpp on your CPU or GPU). "
         "Only the completion goes to stdout; progress and speed go to stderr.",
         epilog="Every default comes from the constants at the top of phi_console.py.")
     parser.error = lambda message: fail(f"{message} (see --help)", code=2)  # one line, not usage + error
-    for name, (kind, _, _, must_be, meaning) in SETTINGS.items():
+    for name, setting in SETTINGS.items():
         flags = ["-p", "--prompt"] if name == "prompt" else ["--" + name.replace("_", "-")]
-        shown = f"{meaning}; {must_be} (default: {DEFAULTS[name]!r})".replace("%", "%%")
-        if kind is bool:
+        shown = f"{setting.meaning}; {setting.must_be} (default: {DEFAULTS[name]!r})".replace("%", "%%")
+        if setting.kind is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=shown)
         else:
-            parser.add_argument(*flags, type=lambda text, name=name: read_value(name, text),
-                                metavar={int: "N", float: "X"}.get(kind, "TEXT"), default=argparse.SUPPRESS,
+            parser.add_argument(*flags, type=functools.partial(read_value, name),
+                                metavar={int: "N", float: "X"}.get(setting.kind, "TEXT"), default=argparse.SUPPRESS,
                                 help=shown)
     parser.add_argument("--load", metavar="FILE", help="continue a conversation saved with /save (implies --chat)")
     parser.add_argument("-q", "--quiet", action="store_true", help="stderr shows errors only")
@@ -199,45 +224,60 @@ def parse_settings(argv: Optional[list[str]]) -> argparse.Namespace:
     return argparse.Namespace(**{**DEFAULTS, "prompt": None, **given})
 
 
-def problem(name: str, value: object) -> Optional[str]:
+def problem(name: str, value: object) -> str | None:
     """What is wrong with a value for a setting, or None if nothing is."""
-    kind, none, valid, must_be, _ = SETTINGS[name]
-    if value is None or kind is bool:
-        ok = none if value is None else isinstance(value, bool)
-    elif isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+    setting = SETTINGS[name]
+    if value is None:
+        ok = setting.none
+    elif setting.kind is bool:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):  # True is an int to Python, but never a number here
         ok = False
+    elif setting.kind is float:  # an integer is a number too; NaN and infinity are not
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and setting.valid(value)
     else:
-        ok = (kind is not float or math.isfinite(value)) and valid(value)
-    return None if ok else f"must be {must_be} (got {value!r})"
+        ok = isinstance(value, setting.kind) and setting.valid(value)
+    return None if ok else f"must be {setting.must_be} (got {value!r})"
 
 
 def read_value(name: str, text: str) -> object:
     """A setting typed as text (a flag, or /set in chat) as the value it stands for; 'none' is None."""
-    kind, none, _, _, _ = SETTINGS[name]
-    try:
-        value = None if none and text.strip().lower() == "none" else text if kind is str else kind(text)
-    except ValueError:
+    setting = SETTINGS[name]
+    if setting.none and text.strip().lower() == "none":
+        value: object = None
+    elif setting.kind is str:
         value = text
+    else:
+        try:
+            value = setting.kind(text)
+        except ValueError:
+            value = text  # not a number: problem() says what it must be
     wrong = problem(name, value)
     if wrong:
         raise argparse.ArgumentTypeError(wrong.replace(repr(value), repr(text)))
     return value
 
 
-def read_prompt(prompt: Optional[str], *, default: object) -> str:
+def read_prompt(prompt: str | None, *, default: object) -> str:
     """`-` reads stdin; so does a pipe or a file on stdin when -p was not given."""
-    try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode if sys.stdin else 0
-    except (OSError, ValueError):  # stdin closed
-        mode = 0
-    if prompt == "-" or (prompt is None and (stat.S_ISFIFO(mode) or stat.S_ISREG(mode))):
+    if prompt == "-" or (prompt is None and stdin_is_piped()):
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
-    prompt = default if prompt is None else prompt
+    if prompt is None:
+        prompt = default
     wrong = problem("prompt", prompt)
     if wrong:
         wrong = f"is empty (got {prompt!r})" if isinstance(prompt, str) else wrong
         fail(f"the prompt {wrong}; pass --prompt, pipe text in, or set PROMPT", code=2)
     return prompt  # type: ignore[return-value]
+
+
+def stdin_is_piped() -> bool:
+    """Is stdin a pipe or a file (`echo ... |`, `< question.txt`), rather than a terminal or nothing?"""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # no stdin, or a closed one
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def physical_cores() -> int:
@@ -271,16 +311,18 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
             except OSError as error:
                 fail(f"the cached {path} is damaged and cannot be removed ({error.strerror}); delete it and run again")
             paths[index] = None
-    missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths)) if not isinstance(path, str)]
+    missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths, strict=True)) if not isinstance(path, str)]
     if not missing:
         return paths  # type: ignore[return-value]
     if hub_constants.HF_HUB_OFFLINE:
         names = ", ".join(f"{repo}/{name}" for (repo, name, _), _ in missing)
         fail(f"{names} not in the cache and HF_HUB_OFFLINE is set; run once with a network connection")
     # One HEAD per file, without the library's retries: an unreachable hub is reported in seconds.
-    metas = [hub_call(lambda: get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout),
-                      repo=repo, name=name, revision=revision, timeout=timeout) for (repo, name, revision), _ in missing]
-    have = sum(partial_size(repo, name, meta) for ((repo, name, _), _), meta in zip(missing, metas))
+    metas = []
+    for (repo, name, revision), _ in missing:
+        head = functools.partial(get_hf_file_metadata, hf_hub_url(repo, name, revision=revision), timeout=timeout)
+        metas.append(hub_call(head, repo=repo, name=name, revision=revision, timeout=timeout))
+    have = sum(partial_size(repo, name, meta) for ((repo, name, _), _), meta in zip(missing, metas, strict=True))
     needed = sum(meta.size or 0 for meta in metas) - have
     cache = Path(hub_constants.HF_HUB_CACHE)
     free = shutil.disk_usage(next(p for p in (cache, *cache.parents) if p.exists())).free
@@ -290,107 +332,10 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
     resumed = f", resuming after the {have / 1e9:.2f} GB a stopped run left" if have else ""
     note(f"downloading {needed / 1e9:.2f} GB into {cache}{resumed} (once: later runs start from this cache)",
          quiet=quiet)
-    for ((repo, name, revision), i), meta in zip(missing, metas):
-        paths[i] = hub_call(lambda: fetch(repo, name, revision, meta, state=state, timeout=timeout),
-                            repo=repo, name=name, revision=revision, timeout=timeout, size=meta.size or 0)
+    for ((repo, name, revision), i), meta in zip(missing, metas, strict=True):
+        get = functools.partial(fetch, repo, name, revision, meta, state=state, timeout=timeout)
+        paths[i] = hub_call(get, repo=repo, name=name, revision=revision, timeout=timeout, size=meta.size or 0)
     return paths  # type: ignore[return-value]
-
-
-def partial_file(repo: str, name: str, etag: str) -> Path:
-    """Where a stopped download of `name` waits for the next run: beside the blobs, named for the file and etag."""
-    folder = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
-    return folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.{etag}.partial"
-
-
-def partial_size(repo: str, name: str, meta: Any) -> int:
-    partial = partial_file(repo, name, meta.etag or "")
-    return partial.stat().st_size if meta.etag and partial.exists() and partial.stat().st_size <= (meta.size or 0) else 0
-
-
-def fetch(repo: str, name: str, revision: str, meta: Any, *, state: Path, timeout: float) -> str:
-    """Download one file into the cache, resuming what a stopped run left; nothing unverified enters the cache.
-
-    huggingface_hub writes each download to a file named for its process and deletes it when stopped, so a
-    stopped 2.4 GB download would start again from zero. Here the bytes stay in a partial file that the next
-    run continues with a Range request (the library's own http_get), under the library's lock for that file.
-    """
-    if not meta.etag or not meta.location:  # a server that names no blob: the library's download, unresumed
-        return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
-    folder = repo_folder_name(repo_id=repo, repo_type="model")
-    blob, partial = Path(hub_constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag, partial_file(repo, name, meta.etag)
-    lock = Path(hub_constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    with WeakFileLock(lock):  # the same lock hf_hub_download takes: two runs never write one file at once
-        for stale in partial.parent.glob(f"{partial.name.split('.')[0]}.*.partial"):
-            if stale != partial:
-                stale.unlink(missing_ok=True)  # the file has changed on the hub since that run stopped
-        for leftover in partial.parent.glob(f"{meta.etag}.*.incomplete"):  # the library's, from killed runs
-            leftover.unlink(missing_ok=True)
-        while not blob.exists():
-            resumed = fetch_rest(repo, name, revision, meta, partial, timeout=timeout)
-            if hashes_to(partial, meta.etag):
-                os.replace(partial, blob)
-                remember_verified(str(blob), state=state)
-            else:
-                partial.unlink()
-                if not resumed:  # a damaged partial costs one fresh download; a damaged fresh one is an error
-                    fail(f"{repo}/{name} arrived damaged (its hash does not match the hub's); run again to retry")
-    # The blob is in place: the library links it into the snapshot and writes the ref, as for its own downloads.
-    return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
-
-
-def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *, timeout: float) -> int:
-    """Append what `partial` lacks of the file `meta` describes; returns how many bytes it already had.
-
-    The hub sends the bytes from another host, through a signed link that expires (after an hour on
-    huggingface.co): a slow download, or a retry after a dropped connection, can outlive it. When that host
-    refuses the link, one HEAD asks the hub for a fresh one and the download goes on from the bytes on disk.
-    """
-    hub_constants.DOWNLOAD_CHUNK_SIZE = 1 << 20  # written every MiB (not 10): a stop loses at most that
-    with open(partial, "r+b" if partial.exists() else "wb") as f:
-        had = have = f.seek(0, os.SEEK_END)
-        if meta.size is not None and have > meta.size:  # longer than the file: not a beginning of it
-            f.truncate(0)
-            had = have = f.seek(0)
-        refusals = 0  # in a row, with no byte arriving between them
-        while True:
-            try:
-                http_get(meta.location, f, resume_size=have, headers=headers_for(meta.location),
-                         expected_size=meta.size, displayed_filename=name)
-                return had
-            except hub_errors.HfHubHTTPError as error:
-                status = error.response.status_code if error.response is not None else None
-                if status not in (401, 403):
-                    raise
-                got = f.seek(0, os.SEEK_END)
-                refusals = 1 if got > have else refusals + 1
-                have = got
-                if refusals > LINK_REFRESHES:
-                    fail(f"the file host refused {repo}/{name} with HTTP {status} {refusals} times in a row, also with "
-                         f"fresh links from the hub; run again later to resume after the {have / 1e9:.2f} GB here")
-            fresh = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout)
-            if fresh.etag != meta.etag or not fresh.location:
-                fail(f"{repo}/{name} changed on the hub during the download; run again to download the new file")
-            meta = fresh
-
-
-def headers_for(url: str) -> dict[str, str]:
-    """huggingface_hub's request headers, with the user's token only if `url` is on the hub itself.
-
-    A signed link points to a CDN or storage host that must never see the token; huggingface_hub drops it
-    there too (file_download.py: `_is_same_or_hub_host`), by the same comparison of origins.
-    """
-    headers = build_hf_headers()
-    if origin(url) not in {origin(hub_constants.ENDPOINT), origin("https://huggingface.co"), origin("https://hf.co")}:
-        headers.pop("authorization", None)
-    return headers
-
-
-def origin(url: str) -> tuple[str, str, Optional[int]]:
-    """(scheme, host, port) with the scheme's default port: two URLs share an origin when these are equal."""
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def hashes_to(path: Path, etag: str) -> bool:
@@ -492,6 +437,114 @@ def read_special_tokens(path: str) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Resumable (optional on a first read): a stopped download goes on where it stopped
+# ---------------------------------------------------------------------------------------------
+def partial_file(repo: str, name: str, etag: str) -> Path:
+    """Where a stopped download of `name` waits for the next run: beside the blobs, named for the file and etag."""
+    folder = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "blobs"
+    return folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.{etag}.partial"
+
+
+def partial_size(repo: str, name: str, meta: Any) -> int:
+    """How many bytes of the file a stopped run left, if they can be a beginning of it."""
+    if not meta.etag:
+        return 0  # a server that names no blob: nothing to resume
+    partial = partial_file(repo, name, meta.etag)
+    if not partial.exists():
+        return 0
+    size = partial.stat().st_size
+    if size > (meta.size or 0):
+        return 0  # longer than the file: fetch_rest starts it again
+    return size
+
+
+def fetch(repo: str, name: str, revision: str, meta: Any, *, state: Path, timeout: float) -> str:
+    """Download one file into the cache, resuming what a stopped run left; nothing unverified enters the cache.
+
+    huggingface_hub writes each download to a file named for its process and deletes it when stopped, so a
+    stopped 2.4 GB download would start again from zero. Here the bytes stay in a partial file that the next
+    run continues with a Range request (the library's own http_get), under the library's lock for that file.
+    """
+    if not meta.etag or not meta.location:  # a server that names no blob: the library's download, unresumed
+        return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
+    folder = repo_folder_name(repo_id=repo, repo_type="model")
+    blob, partial = Path(hub_constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag, partial_file(repo, name, meta.etag)
+    lock = Path(hub_constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(lock):  # the same lock hf_hub_download takes: two runs never write one file at once
+        for stale in partial.parent.glob(f"{partial.name.split('.')[0]}.*.partial"):
+            if stale != partial:
+                stale.unlink(missing_ok=True)  # the file has changed on the hub since that run stopped
+        for leftover in partial.parent.glob(f"{meta.etag}.*.incomplete"):  # the library's, from killed runs
+            leftover.unlink(missing_ok=True)
+        while not blob.exists():
+            resumed = fetch_rest(repo, name, revision, meta, partial, timeout=timeout)
+            if hashes_to(partial, meta.etag):
+                os.replace(partial, blob)
+                remember_verified(str(blob), state=state)
+            else:
+                partial.unlink()
+                if not resumed:  # a damaged partial costs one fresh download; a damaged fresh one is an error
+                    fail(f"{repo}/{name} arrived damaged (its hash does not match the hub's); run again to retry")
+    # The blob is in place: the library links it into the snapshot and writes the ref, as for its own downloads.
+    return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
+
+
+def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *, timeout: float) -> int:
+    """Append what `partial` lacks of the file `meta` describes; returns how many bytes it already had.
+
+    The hub sends the bytes from another host, through a signed link that expires (after an hour on
+    huggingface.co): a slow download, or a retry after a dropped connection, can outlive it. When that host
+    refuses the link, one HEAD asks the hub for a fresh one and the download goes on from the bytes on disk.
+    """
+    hub_constants.DOWNLOAD_CHUNK_SIZE = 1 << 20  # written every MiB (not 10): a stop loses at most that
+    with open(partial, "r+b" if partial.exists() else "wb") as f:
+        had = have = f.seek(0, os.SEEK_END)
+        if meta.size is not None and have > meta.size:  # longer than the file: not a beginning of it
+            f.truncate(0)
+            had = have = f.seek(0)
+        refusals = 0  # in a row, with no byte arriving between them
+        while True:
+            try:
+                http_get(meta.location, f, resume_size=have, headers=headers_for(meta.location),
+                         expected_size=meta.size, displayed_filename=name)
+                return had
+            except hub_errors.HfHubHTTPError as error:
+                status = error.response.status_code if error.response is not None else None
+                if status not in (401, 403):
+                    raise
+                got = f.seek(0, os.SEEK_END)
+                refusals = 1 if got > have else refusals + 1
+                have = got
+                if refusals > LINK_REFRESHES:
+                    fail(f"the file host refused {repo}/{name} with HTTP {status} {refusals} times in a row, also with "
+                         f"fresh links from the hub; run again later to resume after the {have / 1e9:.2f} GB here")
+            fresh = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout)
+            if fresh.etag != meta.etag or not fresh.location:
+                fail(f"{repo}/{name} changed on the hub during the download; run again to download the new file")
+            meta = fresh
+
+
+def headers_for(url: str) -> dict[str, str]:
+    """huggingface_hub's request headers, with the user's token only if `url` is on the hub itself.
+
+    A signed link points to a CDN or storage host that must never see the token; huggingface_hub drops it
+    there too (file_download.py: `_is_same_or_hub_host`), by the same comparison of origins.
+    """
+    headers = build_hf_headers()
+    if origin(url) not in {origin(hub_constants.ENDPOINT), origin("https://huggingface.co"), origin("https://hf.co")}:
+        headers.pop("authorization", None)
+    return headers
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port: two URLs share an origin when these are equal."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+# ---------------------------------------------------------------------------------------------
 # Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose
 # ---------------------------------------------------------------------------------------------
 def route_llama_log(*, verbose: bool) -> list[str]:
@@ -511,7 +564,7 @@ def route_llama_log(*, verbose: bool) -> list[str]:
     return errors
 
 
-def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -> "llama_cpp.llama_model_p":
+def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str]) -> llama_cpp.llama_model_p:
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     if gpu_layers is None:
@@ -544,7 +597,7 @@ def load_model(path: str, *, gpu_layers: Optional[int], log_errors: list[str]) -
     return model
 
 
-def check_model(model: "llama_cpp.llama_model_p", specials: dict[str, int], *, n_ctx: int) -> None:
+def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_ctx: int) -> None:
     """The model must fit the settings, and agree with tokenizer.json on the chat tokens' ids."""
     trained = llama_cpp.llama_model_n_ctx_train(model)
     if n_ctx > trained:
@@ -559,7 +612,7 @@ def check_model(model: "llama_cpp.llama_model_p", specials: dict[str, int], *, n
                  "the model and tokenizer files do not belong together")
 
 
-def identity(model_path: str, *, gpu_layers: Optional[int]) -> dict[str, Any]:
+def identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]:
     """What a saved KV state depends on: the model's exact bytes (the cache names the file by its hash), the build
     and where the layers run."""
     blob = os.path.realpath(model_path)
@@ -567,8 +620,8 @@ def identity(model_path: str, *, gpu_layers: Optional[int]) -> dict[str, Any]:
     return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers}
 
 
-def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, batch: int,
-                gpu: bool) -> tuple["llama_cpp.llama_context_p", dict[str, Any]]:
+def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, batch: int,
+                gpu: bool) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
     """A context of n_ctx tokens, and the settings of it that change the numbers it computes.
 
     Those are: the cache's size (llama.cpp rounds it up to a multiple of 256), the batches a prompt is cut
@@ -594,7 +647,7 @@ def new_context(model: "llama_cpp.llama_model_p", *, n_ctx: int, threads: int, b
 # ---------------------------------------------------------------------------------------------
 # Prompt: Phi-3's chat format, tokenized once and evaluated in batches
 # ---------------------------------------------------------------------------------------------
-def tokenize(vocab: "llama_cpp.llama_vocab_p", text: str, *, add_bos: bool) -> list[int]:
+def tokenize(vocab: llama_cpp.llama_vocab_p, text: str, *, add_bos: bool) -> list[int]:
     """Tokenize plain text; special-token text typed by the user stays plain text."""
     data = text.encode("utf-8")
     size = len(data) + 2  # SPM never makes more tokens than bytes, plus BOS and the space prefix
@@ -603,7 +656,7 @@ def tokenize(vocab: "llama_cpp.llama_vocab_p", text: str, *, add_bos: bool) -> l
     return list(tokens[:n])
 
 
-def user_turn(vocab: "llama_cpp.llama_vocab_p", text: str, specials: dict[str, int]) -> list[int]:
+def user_turn(vocab: llama_cpp.llama_vocab_p, text: str, specials: dict[str, int]) -> list[int]:
     """`<|user|>\\n{text}<|end|>\\n<|assistant|>`, as llama.cpp tokenizes it with special tokens parsed.
 
     A one-shot prompt is BOS and one such turn; a chat adds one per message.
@@ -612,12 +665,12 @@ def user_turn(vocab: "llama_cpp.llama_vocab_p", text: str, specials: dict[str, i
             *tokenize(vocab, "\n", add_bos=False), specials["<|assistant|>"]]
 
 
-def with_system(system: Optional[str], text: str) -> str:
+def with_system(system: str | None, text: str) -> str:
     """Phi-3-mini-4k's chat format has no system role: its instructions open the first message instead."""
     return f"{system}\n\n{text}" if system else text
 
 
-def evaluate(ctx: "llama_cpp.llama_context_p", tokens: list[int]) -> None:
+def evaluate(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
     """Feed tokens to the model a batch at a time; only the last one's logits are kept.
 
     Ctrl-C or SIGTERM stops it within one graph node, not one batch (seconds of work), and raises as the
@@ -682,7 +735,155 @@ def raise_caught(caught: list[int]) -> None:
         raise KeyboardInterrupt if caught[0] == signal.SIGINT else SystemExit(128 + caught[0])
 
 
-def restore_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: dict[str, Any], *, folder: Path,
+# ---------------------------------------------------------------------------------------------
+# Stream: sample in llama.cpp, yield text as soon as it is whole UTF-8
+# ---------------------------------------------------------------------------------------------
+def make_sampler(*, n_vocab: int, temperature: float, top_p: float | None, repeat_penalty: float,
+                 repeat_last_n: int, seed: int) -> llama_cpp.llama_sampler_p:
+    """repeat penalty -> temperature -> top-p -> draw; nothing else (no hidden top-k or min-p)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    links = [llama_cpp.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0)]
+    if temperature == 0:
+        links.append(llama_cpp.llama_sampler_init_greedy())
+    else:
+        links.append(llama_cpp.llama_sampler_init_temp(temperature))
+        if top_p is not None:
+            links.append(llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        links.append(llama_cpp.llama_sampler_init_dist(seed))
+    for link in links:
+        llama_cpp.llama_sampler_chain_add(chain, link)
+    return chain
+
+
+def sampler_for(vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *,
+                window: list[int]) -> llama_cpp.llama_sampler_p:
+    """The sampler the settings describe, its repeat-penalty window primed with the reply tokens so far."""
+    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=chosen_seed(settings["seed"]),
+                           **{k: settings[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
+    for token in window[-settings["repeat_last_n"]:] if settings["repeat_last_n"] else []:
+        llama_cpp.llama_sampler_accept(sampler, token)
+    return sampler
+
+
+def chosen_seed(seed: int | None) -> int:
+    """The seed itself, or a fresh random one for None."""
+    return random.SystemRandom().randint(0, MAX_SEED) if seed is None else seed
+
+
+def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool) -> bytes:
+    """The bytes a token stands for; a reply's first token loses the space SPM puts before words."""
+    size = 32
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        if first:  # detokenize applies the vocabulary's own rule for that space
+            n = llama_cpp.llama_detokenize(vocab, (llama_cpp.llama_token * 1)(token), 1, buffer, size, False, False)
+        else:
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n  # too small: llama.cpp says how many bytes it needs
+
+
+def generate(ctx: llama_cpp.llama_context_p, *, prompt: list[int], sampler: llama_cpp.llama_sampler_p,
+             stop_ids: set[int], hidden_ids: set[int], sample_len: int,
+             last_alone: bool = False) -> Iterator[tuple[int, str]]:
+    """Evaluate the prompt, then yield each sampled token with the text it adds ("" mid-character).
+
+    last_alone: evaluate the prompt's last token by itself, after the rest. A saved state holds no logits, so a
+    restored prompt's last token is evaluated by itself; doing the same when nothing was restored makes the
+    two compute the same numbers.
+    """
+    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
+    split = len(prompt) - 1 if last_alone else len(prompt)
+    evaluate(ctx, prompt[:split])  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
+    evaluate(ctx, prompt[split:])
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    one = (llama_cpp.llama_token * 1)()
+    for index in range(sample_len):
+        token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)  # also records it for the penalty
+        stop = token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token)
+        last = stop or index == sample_len - 1
+        data = b"" if stop or token in hidden_ids else token_bytes(vocab, token, first=index == 0)
+        yield token, utf8.decode(data, final=last)
+        if last:
+            return
+        one[0] = token
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+            fail("llama.cpp failed to evaluate a token")
+
+
+def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float],
+         text: list[str] | None = None) -> None:
+    """Print the reply as it comes, ending the line even when interrupted; note each token, its time and text."""
+    out = sys.stdout.buffer
+    try:
+        for token, piece in pieces:
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+            if text is not None:
+                text.append(piece)
+            if piece:
+                out.write(piece.encode("utf-8"))
+                out.flush()
+    finally:
+        out.write(b"\n")
+        out.flush()
+
+
+def speed(count: int, seconds: float) -> str:
+    return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
+
+
+def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str, int], n_ctx: int,
+             context: dict[str, Any], sampling: dict[str, Any], identity: dict[str, Any], prompts: Path,
+             prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
+    """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr.
+
+    A prompt evaluated by an earlier run (same model, build and context) is restored from the state that run
+    saved in `prompts`, instead of being evaluated again.
+    """
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, with_system(sampling["system"], prompt), specials)
+    if len(tokens) >= n_ctx:
+        fail(f"the prompt is {len(tokens)} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx",
+             code=2)
+    sample_len = min(sampling["sample_len"], n_ctx - len(tokens) + 1)
+    if sample_len < sampling["sample_len"]:
+        note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
+    # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
+    ctx, settings = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
+    facts = {**identity, **settings}
+    loaded = time.perf_counter()
+    held = tokens[:-1]  # what a saved state holds: it keeps no logits, so the last token is evaluated every run
+    restored = restore_prompt(ctx, held, facts, folder=prompts, quiet=quiet) if prompt_cache_gb else 0
+    seed = chosen_seed(sampling["seed"])  # chosen here, so that the report can name it
+    sampler = sampler_for(vocab, {**sampling, "seed": seed}, window=[])
+    reply: list[int] = []
+    stamps: list[float] = []
+    try:
+        show(generate(ctx, prompt=tokens[restored:], sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
+                      hidden_ids=set(specials.values()), sample_len=sample_len, last_alone=True),
+             tokens=reply, stamps=stamps)
+    finally:
+        if reply and prompt_cache_gb and restored < len(held):  # the prompt was evaluated whole, even if Ctrl-C
+            save_prompt(ctx, held, facts, folder=prompts, limit=prompt_cache_gb * 1e9)  # stopped the reply
+    if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
+        llama_cpp.llama_perf_context_print(ctx)
+    first = stamps[0] if stamps else time.perf_counter()
+    if restored:
+        evaluation = f"{restored} restored from an earlier run in {first - loaded:.2f} s"
+    else:
+        evaluation = speed(len(tokens), first - loaded)
+    rate = speed(len(reply) - 1, stamps[-1] - first) if stamps else speed(0, 0)
+    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {evaluation}"
+         f" | generated: {len(reply)} tokens, {rate} | seed {seed}", quiet=quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved prompts (optional on a first read): reruns and /load restore an evaluated prompt
+# ---------------------------------------------------------------------------------------------
+def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[str, Any], *, folder: Path,
                    quiet: bool) -> int:
     """Put into the cache the longest start of `tokens` that an earlier run saved under the same facts; its length.
 
@@ -696,7 +897,8 @@ def restore_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: d
         have = saved.get("tokens") if saved.get("facts") == facts else None
         if not isinstance(have, list):
             continue
-        common = next((i for i, (a, b) in enumerate(zip(have, tokens)) if a != b), min(len(have), len(tokens)))
+        common = next((i for i, (a, b) in enumerate(zip(have, tokens, strict=False)) if a != b),
+                      min(len(have), len(tokens)))
         length = len(tokens) if common == len(have) == len(tokens) else common // batch * batch
         if length > usable:
             best, usable = (index, saved), length
@@ -714,7 +916,7 @@ def restore_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: d
     return usable
 
 
-def save_prompt(ctx: "llama_cpp.llama_context_p", tokens: list[int], facts: dict[str, Any], *, folder: Path,
+def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[str, Any], *, folder: Path,
                 limit: float) -> None:
     """Keep the cache's first len(tokens) positions for later runs, and forget what follows them.
 
@@ -760,7 +962,7 @@ def forget_prompt(index: Path) -> None:
         index.with_suffix(".state").unlink(missing_ok=True)
 
 
-def save_state(ctx: "llama_cpp.llama_context_p", state: Path, tokens: list[int]) -> str:
+def save_state(ctx: llama_cpp.llama_context_p, state: Path, tokens: list[int]) -> str:
     """Write llama.cpp's state of the cache, which holds `tokens` (no logits); the file's sha256."""
     with uninterrupted():
         written = llama_cpp.llama_state_seq_save_file(ctx, str(state).encode(), 0,
@@ -770,7 +972,7 @@ def save_state(ctx: "llama_cpp.llama_context_p", state: Path, tokens: list[int])
     return file_digest(state)
 
 
-def load_state(ctx: "llama_cpp.llama_context_p", state: Path, sha256: Optional[str], tokens: list[int]) -> Optional[str]:
+def load_state(ctx: llama_cpp.llama_context_p, state: Path, sha256: str | None, tokens: list[int]) -> str | None:
     """Load what save_state wrote, if the file still hashes to sha256 and holds exactly `tokens`; else say why not."""
     try:
         if file_digest(state) != sha256:
@@ -788,150 +990,7 @@ def load_state(ctx: "llama_cpp.llama_context_p", state: Path, sha256: Optional[s
 
 
 # ---------------------------------------------------------------------------------------------
-# Stream: sample in llama.cpp, yield text as soon as it is whole UTF-8
-# ---------------------------------------------------------------------------------------------
-def make_sampler(*, n_vocab: int, temperature: float, top_p: Optional[float], repeat_penalty: float,
-                 repeat_last_n: int, seed: int) -> "llama_cpp.llama_sampler_p":
-    """repeat penalty -> temperature -> top-p -> draw; nothing else (no hidden top-k or min-p)."""
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    links = [llama_cpp.llama_sampler_init_penalties(n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0)]
-    if temperature == 0:
-        links.append(llama_cpp.llama_sampler_init_greedy())
-    else:
-        links.append(llama_cpp.llama_sampler_init_temp(temperature))
-        if top_p is not None:
-            links.append(llama_cpp.llama_sampler_init_top_p(top_p, 1))
-        links.append(llama_cpp.llama_sampler_init_dist(seed))
-    for link in links:
-        llama_cpp.llama_sampler_chain_add(chain, link)
-    return chain
-
-
-def sampler_for(vocab: "llama_cpp.llama_vocab_p", settings: dict[str, Any], *,
-                window: list[int]) -> "llama_cpp.llama_sampler_p":
-    """The sampler the settings describe, its repeat-penalty window primed with the reply tokens so far."""
-    sampler = make_sampler(n_vocab=llama_cpp.llama_vocab_n_tokens(vocab), seed=chosen_seed(settings["seed"]),
-                           **{k: settings[k] for k in ("temperature", "top_p", "repeat_penalty", "repeat_last_n")})
-    for token in window[-settings["repeat_last_n"]:] if settings["repeat_last_n"] else []:
-        llama_cpp.llama_sampler_accept(sampler, token)
-    return sampler
-
-
-def chosen_seed(seed: Optional[int]) -> int:
-    """The seed itself, or a fresh random one for None."""
-    return random.SystemRandom().randint(0, MAX_SEED) if seed is None else seed
-
-
-def token_bytes(vocab: "llama_cpp.llama_vocab_p", token: int, *, first: bool) -> bytes:
-    """The bytes a token stands for; a reply's first token loses the space SPM puts before words."""
-    size = 32
-    while True:
-        buffer = ctypes.create_string_buffer(size)
-        if first:  # detokenize applies the vocabulary's own rule for that space
-            n = llama_cpp.llama_detokenize(vocab, (llama_cpp.llama_token * 1)(token), 1, buffer, size, False, False)
-        else:
-            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
-        if n >= 0:
-            return buffer.raw[:n]
-        size = -n  # too small: llama.cpp says how many bytes it needs
-
-
-def generate(ctx: "llama_cpp.llama_context_p", *, prompt: list[int], sampler: "llama_cpp.llama_sampler_p",
-             stop_ids: set[int], hidden_ids: set[int], sample_len: int,
-             last_alone: bool = False) -> Iterator[tuple[int, str]]:
-    """Evaluate the prompt, then yield each sampled token with the text it adds ("" mid-character).
-
-    last_alone: evaluate the prompt's last token by itself, after the rest. A saved state holds no logits, so a
-    restored prompt's last token is evaluated by itself; doing the same when nothing was restored makes the
-    two compute the same numbers.
-    """
-    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
-    split = len(prompt) - 1 if last_alone else len(prompt)
-    evaluate(ctx, prompt[:split])  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
-    evaluate(ctx, prompt[split:])
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    one = (llama_cpp.llama_token * 1)()
-    for index in range(sample_len):
-        token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)  # also records it for the penalty
-        stop = token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token)
-        last = stop or index == sample_len - 1
-        data = b"" if stop or token in hidden_ids else token_bytes(vocab, token, first=index == 0)
-        yield token, utf8.decode(data, final=last)
-        if last:
-            return
-        one[0] = token
-        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
-            fail("llama.cpp failed to evaluate a token")
-
-
-def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float],
-         text: Optional[list[str]] = None) -> None:
-    """Print the reply as it comes, ending the line even when interrupted; note each token, its time and text."""
-    out = sys.stdout.buffer
-    try:
-        for token, piece in pieces:
-            stamps.append(time.perf_counter())
-            tokens.append(token)
-            if text is not None:
-                text.append(piece)
-            if piece:
-                out.write(piece.encode("utf-8"))
-                out.flush()
-    finally:
-        out.write(b"\n")
-        out.flush()
-
-
-def speed(count: int, seconds: float) -> str:
-    return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
-
-
-def complete(model: "llama_cpp.llama_model_p", *, prompt: str, specials: dict[str, int], n_ctx: int,
-             context: dict[str, Any], sampling: dict[str, Any], identity: dict[str, Any], prompts: Path,
-             prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
-    """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr.
-
-    A prompt evaluated by an earlier run (same model, build and context) is restored from the state that run
-    saved in `prompts`, instead of being evaluated again.
-    """
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, with_system(sampling["system"], prompt), specials)
-    if len(tokens) >= n_ctx:
-        fail(f"the prompt is {len(tokens)} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx",
-             code=2)
-    sample_len = min(sampling["sample_len"], n_ctx - len(tokens) + 1)
-    if sample_len < sampling["sample_len"]:
-        note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
-    # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
-    ctx, settings = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
-    facts = {**identity, **settings}
-    loaded = time.perf_counter()
-    held = tokens[:-1]  # what a saved state holds: it keeps no logits, so the last token is evaluated every run
-    restored = restore_prompt(ctx, held, facts, folder=prompts, quiet=quiet) if prompt_cache_gb else 0
-    seed = chosen_seed(sampling["seed"])  # chosen here, so that the report can name it
-    sampler = sampler_for(vocab, {**sampling, "seed": seed}, window=[])
-    reply: list[int] = []
-    stamps: list[float] = []
-    try:
-        show(generate(ctx, prompt=tokens[restored:], sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
-                      hidden_ids=set(specials.values()), sample_len=sample_len, last_alone=True),
-             tokens=reply, stamps=stamps)
-    finally:
-        if reply and prompt_cache_gb and restored < len(held):  # the prompt was evaluated whole, even if Ctrl-C
-            save_prompt(ctx, held, facts, folder=prompts, limit=prompt_cache_gb * 1e9)  # stopped the reply
-    if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
-        llama_cpp.llama_perf_context_print(ctx)
-    first = stamps[0] if stamps else time.perf_counter()
-    evaluation = f"{restored} restored from an earlier run in {first - loaded:.2f} s" if restored else \
-        speed(len(tokens), first - loaded)
-    note(f"loaded in {loaded - started:.2f} s | prompt: {len(tokens)} tokens, {evaluation}"
-         f" | generated: {len(reply)} tokens, {speed(len(reply) - 1, stamps[-1] - first if stamps else 0)}"
-         f" | seed {seed}", quiet=quiet)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat: a conversation whose history stays in the KV cache, so each turn evaluates only its new tokens
+# Chat (optional on a first read): a conversation kept in the KV cache; each turn evaluates only its own tokens
 # ---------------------------------------------------------------------------------------------
 SAVED_FORMAT = "phi-console conversation 1"  # the "format" of a /save file; other files are refused
 SAVED_REPLY_TOKENS = 4096  # the most recent reply tokens a /save keeps for the repeat penalty's window
@@ -956,7 +1015,7 @@ class Conversation:
     record and the cache runs with Ctrl-C held back, so the two always agree.
     """
 
-    def __init__(self, ctx: "llama_cpp.llama_context_p", *, specials: dict[str, int], n_ctx: int,
+    def __init__(self, ctx: llama_cpp.llama_context_p, *, specials: dict[str, int], n_ctx: int,
                  settings: dict[str, Any], identity: dict[str, Any], quiet: bool) -> None:
         self.ctx, self.specials, self.n_ctx, self.settings = ctx, specials, n_ctx, settings
         self.identity, self.quiet, self.sampler, self.stats = identity, quiet, None, "no reply yet"
@@ -1001,13 +1060,18 @@ class Conversation:
         return "".join(f"{name} = {self.settings[name]!r}\n" for name in CHAT_SETTINGS) + \
             f"context: {len(self.tokens)} of {self.n_ctx} tokens used"
 
-    def make_room(self, turn: int) -> Optional[int]:
+    def make_room(self, turn: int) -> int | None:
         """Forget the oldest exchanges until a message of `turn` tokens and a full reply fit; how many were forgotten.
 
         The exchange that carries the system prompt is kept. None, and nothing forgotten, if the message cannot fit.
         """
         keep = 1 if self.settings["system"] and self.exchanges else 0
-        least = 1 if not keep else self.exchanges[1] if len(self.exchanges) > 1 else len(self.tokens) + len(self.pending)
+        if not keep:
+            least = 1  # what the context must hold besides the message: BOS at the least
+        elif len(self.exchanges) > 1:
+            least = self.exchanges[1]  # the kept first exchange
+        else:
+            least = len(self.tokens) + len(self.pending)  # the first exchange is all there is
         if least + turn > self.n_ctx:
             return None
         forgotten = 0
@@ -1056,10 +1120,10 @@ class Conversation:
             note("(stopped)", quiet=self.quiet)
         self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said))
         evaluated = llama_cpp.llama_perf_context(self.ctx).n_p_eval
-        self.stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after "
-                      f"{stamps[0] - asked if stamps else 0.0:.2f} s | {len(sampled)} tokens, "
-                      f"{speed(len(sampled) - 1, stamps[-1] - stamps[0] if stamps else 0)} | "
-                      f"context {len(self.tokens)} of {self.n_ctx} tokens")
+        waited = stamps[0] - asked if stamps else 0.0  # until the first token
+        rate = speed(len(sampled) - 1, stamps[-1] - stamps[0]) if stamps else speed(0, 0)
+        self.stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after {waited:.2f} s | "
+                      f"{len(sampled)} tokens, {rate} | context {len(self.tokens)} of {self.n_ctx} tokens")
 
     def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str) -> None:
         """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
@@ -1109,7 +1173,7 @@ class Conversation:
         self.new_sampler()
         return f"loaded {len(self.messages) // 2} exchange(s) from {path}: {len(self.tokens)} tokens of context"
 
-    def restore(self, state: Path, facts: dict[str, Any], tokens: list[int]) -> Optional[str]:
+    def restore(self, state: Path, facts: dict[str, Any], tokens: list[int]) -> str | None:
         """Load llama.cpp's saved state of the cache, if it is the one saved for these tokens; else why not."""
         if any(facts.get(key) != value for key, value in self.identity.items()):
             return "it was saved by another model file, llama.cpp build or context settings"
@@ -1117,26 +1181,88 @@ class Conversation:
 
 
 def read_saved(path: Path, *, n_vocab: int, n_ctx: int) -> dict[str, Any]:
-    """A /save file, checked whole before anything is changed; ValueError says what is wrong with it."""
+    """A /save file, checked whole before anything is changed; ValueError names the part that is wrong."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        context = saved["context"]
-        tokens, exchanges, pending = context["tokens"], context["exchanges"], context["pending"]
-        settings = {name: saved["settings"][name] for name in CHAT_SETTINGS}
-        ok = (saved["format"] == SAVED_FORMAT and isinstance(saved["state"]["file"], str)
-              and all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens + pending + context["replies"])
-              and all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in saved["messages"])
-              and exchanges == sorted(exchanges) and all(isinstance(e, int) and 0 < e <= len(tokens) + len(pending)
-                                                         for e in exchanges)
-              and not any(problem(name, value) for name, value in settings.items()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"cannot load {path}: {getattr(error, 'strerror', None) or error}") from None
-    if not ok:
-        raise ValueError(f"cannot load {path}: it is not a conversation saved by phi_console.py")
-    if len(tokens) + len(pending) >= n_ctx:
-        raise ValueError(f"{path} holds {len(tokens) + len(pending)} tokens and the context holds {n_ctx}; "
-                         "start with a larger --ctx")
-    return {**saved, "settings": settings}
+    wrong = saved_problem(saved, n_vocab=n_vocab)
+    if wrong:
+        raise ValueError(f"cannot load {path}: {wrong}")
+    context = saved["context"]
+    held = len(context["tokens"]) + len(context["pending"])
+    if held >= n_ctx:
+        raise ValueError(f"{path} holds {held} tokens and the context holds {n_ctx}; start with a larger --ctx")
+    return {**saved, "settings": {name: saved["settings"][name] for name in CHAT_SETTINGS}}
+
+
+def saved_problem(saved: Any, *, n_vocab: int) -> str | None:
+    """What is wrong with a /save file's contents, naming the field and its value; None if nothing is."""
+    if not isinstance(saved, dict):
+        return f"it is not a conversation saved by phi_console.py (a JSON {type(saved).__name__}, not an object)"
+    if saved.get("format") != SAVED_FORMAT:
+        return (f"it is not a conversation saved by phi_console.py "
+                f"(format {shorten(saved.get('format'))}, not {SAVED_FORMAT!r})")
+    state = saved.get("state")
+    if not isinstance(state, dict):
+        return f"state must be an object (got {shorten(state)})"
+    if not isinstance(state.get("file"), str):
+        return f"state.file must name the state file (got {shorten(state.get('file'))})"
+    parts = (context_problem(saved.get("context"), n_vocab=n_vocab), messages_problem(saved.get("messages")),
+             settings_problem(saved.get("settings")))
+    return next((wrong for wrong in parts if wrong), None)
+
+
+def context_problem(context: Any, *, n_vocab: int) -> str | None:
+    """What is wrong with a saved context: tokens this model has, exchanges in order inside it."""
+    if not isinstance(context, dict):
+        return f"context must be an object (got {shorten(context)})"
+    for field in ("tokens", "pending", "replies", "exchanges"):
+        if not isinstance(context.get(field), list):
+            return f"context.{field} must be a list (got {shorten(context.get(field))})"
+    for field in ("tokens", "pending", "replies"):
+        for index, token in enumerate(context[field]):
+            if not isinstance(token, int) or not 0 <= token < n_vocab:
+                return f"context.{field}[{index}] is {shorten(token)}, not a token of this model (0..{n_vocab - 1})"
+    length = len(context["tokens"]) + len(context["pending"])
+    for index, start in enumerate(context["exchanges"]):
+        if not isinstance(start, int) or not 0 < start <= length:
+            return f"context.exchanges[{index}] is {shorten(start)}, not a position in the context (1..{length})"
+    if context["exchanges"] != sorted(context["exchanges"]):
+        return f"context.exchanges must be in order (got {shorten(context['exchanges'])})"
+    return None
+
+
+def messages_problem(messages: Any) -> str | None:
+    """What is wrong with a saved list of messages: each has a role and a content, both text."""
+    if not isinstance(messages, list):
+        return f"messages must be a list (got {shorten(messages)})"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{index}] must be an object (got {shorten(message)})"
+        for field in ("role", "content"):
+            if not isinstance(message.get(field), str):
+                return f"messages[{index}].{field} must be text (got {shorten(message.get(field))})"
+    return None
+
+
+def settings_problem(settings: Any) -> str | None:
+    """What is wrong with saved settings: each chat setting present, and a value /set would take."""
+    if not isinstance(settings, dict):
+        return f"settings must be an object (got {shorten(settings)})"
+    for name in CHAT_SETTINGS:
+        if name not in settings:
+            return f"settings.{name} is missing"
+        wrong = problem(name, settings[name])
+        if wrong:
+            return f"settings.{name} {wrong}"
+    return None
+
+
+def shorten(value: Any) -> str:
+    """A value as an error line shows it: its repr, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -1151,7 +1277,8 @@ def command(talk: Conversation, line: str) -> str:
     name, _, argument = line.partition(" ")
     argument = argument.strip()
     needs = {"/set": "NAME VALUE", "/save": "FILE", "/load": "FILE"}
-    if name in needs and not argument or name not in needs and argument:
+    takes_argument = name in needs
+    if takes_argument != bool(argument):  # missing, or given to a command that takes none
         raise ValueError(f"{name} takes {needs.get(name, 'nothing')} (got {line!r}); /help lists the commands")
     if name == "/set":
         return talk.change(*argument.partition(" ")[::2])
@@ -1164,7 +1291,7 @@ def command(talk: Conversation, line: str) -> str:
 
 def chat_help() -> str:
     lines = [f"  {usage:<17} {meaning}" for usage, meaning in COMMANDS.items()]
-    settings = [f"      {name:<15} {SETTINGS[name][4]} ({SETTINGS[name][3]})" for name in CHAT_SETTINGS]
+    settings = [f"      {name:<15} {SETTINGS[name].meaning} ({SETTINGS[name].must_be})" for name in CHAT_SETTINGS]
     return "\n".join(["commands:", lines[0], *settings, *lines[1:]])
 
 
@@ -1192,8 +1319,8 @@ def typed_messages(interactive: bool) -> Iterator[str]:
             yield line.strip()
 
 
-def chat(model: "llama_cpp.llama_model_p", *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
-         sampling: dict[str, Any], identity: dict[str, Any], load: Optional[str], quiet: bool) -> int:
+def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
+         sampling: dict[str, Any], identity: dict[str, Any], load: str | None, quiet: bool) -> int:
     """Talk at `>>> ` until /bye or the end of input; replies go to stdout, everything else to stderr."""
     ctx, settings = new_context(model, n_ctx=n_ctx, batch=BATCH, **context)
     talk = Conversation(ctx, specials=specials, n_ctx=n_ctx, settings=sampling, identity={**identity, **settings},
@@ -1235,7 +1362,7 @@ def uninterrupted() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Main: settings -> download -> load -> prompt -> stream -> report
 # ---------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
     prompt = None if settings.chat or settings.load else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose

@@ -254,7 +254,8 @@ def test_load_at_start_takes_the_saved_settings(hub, warm_home, tmp_path):
     result = console(*crafted(prompt=None), "--load", str(tmp_path / "talk.json"), hub=hub, home=warm_home,
                      stdin=b"/show\n")
     assert result.returncode == 0, result.stderr
-    assert "loaded 2 exchange(s)" in result.stderr and "temperature = 0.5" in result.stderr and "seed = 9" in result.stderr
+    for shown in ("loaded 2 exchange(s)", "temperature = 0.5", "seed = 9"):
+        assert shown in result.stderr
 
 
 def test_a_damaged_state_is_not_trusted_and_the_conversation_is_evaluated_again(hub, warm_home, tmp_path):
@@ -293,6 +294,36 @@ def test_a_missing_or_malformed_file_is_one_error_and_the_conversation_goes_on(h
     assert result.stdout == b"puck puck puck\npuck puck puck\n"
 
 
+def damage(record: dict, part: str) -> str:
+    """Spoil one part of a saved conversation; what the error line must then name."""
+    if part == "a token outside the vocabulary":
+        record["context"]["tokens"][3] = 99999
+        return "context.tokens[3] is 99999, not a token of this model"
+    if part == "exchanges out of order":
+        record["context"]["exchanges"].reverse()
+        return "context.exchanges must be in order"
+    if part == "a setting out of range":
+        record["settings"]["temperature"] = -1
+        return "settings.temperature must be a number >= 0 (got -1)"
+    record["messages"][1]["content"] = None
+    return "messages[1].content must be text (got None)"
+
+
+@pytest.mark.parametrize("part", ["a token outside the vocabulary", "exchanges out of order", "a setting out of range",
+                                  "a message that is not text"])
+def test_a_damaged_saved_conversation_is_refused_naming_the_field_and_value(hub, warm_home, tmp_path, part):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path)
+    record = json.loads(path.read_text())
+    expected = damage(record, part)
+    path.write_text(json.dumps(record))
+    result = chat(hub, warm_home, ["hello", f"/load {path}", "/show"])
+    assert result.returncode == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot load {path}: {expected}"), result.stderr
+    assert context_used(result)[0] > 0  # the conversation it had goes on
+
+
 def test_help_lists_every_command(hub, warm_home):
     result = chat(hub, warm_home, ["/help"])
     for command in ("/set", "/show", "/save", "/load", "/reset", "/stats", "/help", "/bye", '"""'):
@@ -329,8 +360,9 @@ def test_at_a_terminal_a_pasted_block_is_one_message(hub, warm_home):
 
 def test_a_full_context_keeps_the_exchange_that_carries_the_system_prompt(hub, warm_home, tmp_path):
     messages = [f"hello world number {i}" for i in range(30)]
+    typed = "".join(line + "\n" for line in [*messages, f"/save {tmp_path / 't.json'}"])
     result = console(*crafted(prompt=None, sample_len=8, system="say puck"), "--chat", "--ctx", "128", hub=hub,
-                     home=warm_home, stdin="".join(m + "\n" for m in [*messages, f"/save {tmp_path / 't.json'}"]).encode())
+                     home=warm_home, stdin=typed.encode())
     assert result.returncode == 0, result.stderr
     assert "forgot the oldest" in result.stderr
     record = json.loads((tmp_path / "t.json").read_text())
