@@ -246,9 +246,10 @@ def main() -> None:
     log("warm reruns of the default prompt, one token: phi_console.py against llama-completion...")
     blob = next((home / "hub").glob(f"models--{MODEL_REPO.replace('/', '--')}/snapshots/*/{MODEL_FILE}"))
     run_measured(script(DEFAULT_PROMPT, 1), env)  # saves the default prompt's state for the runs that restore it
+    formatted = f"<|user|>\n{DEFAULT_PROMPT}<|end|>\n<|assistant|>"
     reruns = walls({"restored": script(DEFAULT_PROMPT, 1), "evaluated": evaluated(DEFAULT_PROMPT, 1),
                     "llama-completion": [str(completion), "-m", str(blob), "-t", str(THREADS), "-n", "1",
-                                         "--no-warmup", "-no-cnv", "-p", f"<|user|>\n{DEFAULT_PROMPT}<|end|>\n<|assistant|>"]},
+                                         "--no-warmup", "-no-cnv", "-p", formatted]},
                    env)
     log("an 850-token prompt, then the same prompt with another temperature...")
     rerun = walls({"first": script(rerun_prompt, 16), "rerun": script(rerun_prompt, 16, "--temperature", "0.7")}, env,
@@ -262,7 +263,8 @@ def main() -> None:
     log("llama-bench: prompt evaluation, every configuration...")
     pp = best(run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "--repack", "0,1", "-fa", "0,1"))
     log("llama-bench: generation after a 500-token prompt...")
-    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "1", "-fa", "0,1"))
+    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "1",
+                                "-fa", "0,1"))
     log("phi_console.py: generation, prompt evaluation, and both together...")
     short = script_runs(evaluated("hello", GEN_TOKENS), env)
     prompt = script_runs(evaluated(long_prompt, 1), env)
@@ -299,7 +301,8 @@ def main() -> None:
         (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", f"{short['tg']:.2f}",
          f"llama-bench tg{GEN_TOKENS}: {tg['median_ts']:.2f} ({config(tg)})", f"{short['tg'] / tg['median_ts']:.3f}"),
         (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", f"{prompt['pp']:.1f}",
-         f"llama-bench pp{PROMPT_TOKENS}: {pp['median_ts']:.1f} ({config(pp)})", f"{prompt['pp'] / pp['median_ts']:.3f}"),
+         f"llama-bench pp{PROMPT_TOKENS}: {pp['median_ts']:.1f} ({config(pp)})",
+         f"{prompt['pp'] / pp['median_ts']:.3f}"),
         ("generation after that prompt (tok/s)", f"{both['tg']:.2f}",
          f"llama-bench tg{GEN_TOKENS} @ d500: {deep['median_ts']:.2f} ({config(deep)})",
          f"{both['tg'] / deep['median_ts']:.3f}"),
@@ -307,7 +310,8 @@ def main() -> None:
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
         ("peak RSS (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB", f"model file {size / 2**30:.2f} GiB",
          f"{short['peak'] / size:.2f}x"),
-        ("peak RSS (500-token prompt + 128 tokens)", f"{both['peak'] / 2**30:.2f} GiB", "", f"{both['peak'] / size:.2f}x"),
+        ("peak RSS (500-token prompt + 128 tokens)", f"{both['peak'] / 2**30:.2f} GiB", "",
+         f"{both['peak'] / size:.2f}x"),
         ("vs the snippet: generation after the 500-token prompt (tok/s)", f"{both['tg']:.2f}",
          f"snippet: {snippet_rate:.2f}" if snippet_rate else f"snippet failed: {snippets[0].get('error')}",
          f"{both['tg'] / snippet_rate:.2f}x" if snippet_rate else ""),

@@ -3,23 +3,23 @@
 Everything the local hub serves (all models are crafted: every layer zero, so the next token's logits are known;
 "puck" = token "▁puck", "goal" = "▁goal"):
 
-| repository                              | files                                  | what it is for                        |
-|-----------------------------------------|----------------------------------------|---------------------------------------|
-| microsoft/Phi-3-mini-4k-instruct-gguf   | Phi-3-mini-4k-instruct-q4.gguf         | the default run: puck-goal.gguf       |
-| microsoft/Phi-3-mini-4k-instruct        | tokenizer.json                         | Phi-3's special tokens at their ids   |
-| phi-console-tests/crafted               | puck-goal.gguf                         | puck logit 10, goal 9, all others 0   |
-|                                         | end.gguf                               | <|end|> first: the reply ends at once |
-|                                         | placeholder.gguf                       | a special token that is never printed |
-|                                         | emoji.gguf                             | byte tokens F0 9F 98 80: U+1F600      |
-|                                         | huge-string/huge-array/huge-counts/    | GGUFs that lie about their sizes, or  |
-|                                         | truncated/wrong-magic.gguf             | are cut short or mislabelled          |
-|                                         | not-a-model.gguf                       | text                                  |
-| phi-console-tests/mismatched-tokenizer  | tokenizer.json                         | <|end|> at another id than the GGUF's |
-| phi-console-tests/broken-tokenizer      | tokenizer.json                         | not JSON                              |
-| phi-console-tests/plain-tokenizer       | tokenizer.json                         | no Phi-3 chat tokens                  |
-| phi-console-tests/huge-tokenizer        | tokenizer.json                         | 65 MB                                 |
-| phi-console-tests/gated                 | Phi-3-mini-4k-instruct-q4.gguf         | refused without a token               |
-| phi-console-tests/slow                  | slow.gguf                              | random weights: prompts take seconds  |
+| repository                              | files                              | what it is for                        |
+|-----------------------------------------|------------------------------------|---------------------------------------|
+| microsoft/Phi-3-mini-4k-instruct-gguf   | Phi-3-mini-4k-instruct-q4.gguf     | the default run: puck-goal.gguf       |
+| microsoft/Phi-3-mini-4k-instruct        | tokenizer.json                     | Phi-3's special tokens at their ids   |
+| phi-console-tests/crafted               | puck-goal.gguf                     | puck logit 10, goal 9, all others 0   |
+|                                         | end.gguf                           | <|end|> first: the reply ends at once |
+|                                         | placeholder.gguf                   | a special token that is never printed |
+|                                         | emoji.gguf                         | byte tokens F0 9F 98 80: U+1F600      |
+|                                         | huge-string/huge-array/huge-counts/| GGUFs that lie about their sizes, or  |
+|                                         | truncated/wrong-magic.gguf         | are cut short or mislabelled          |
+|                                         | not-a-model.gguf                   | text                                  |
+| phi-console-tests/mismatched-tokenizer  | tokenizer.json                     | <|end|> at another id than the GGUF's |
+| phi-console-tests/broken-tokenizer      | tokenizer.json                     | not JSON                              |
+| phi-console-tests/plain-tokenizer       | tokenizer.json                     | no Phi-3 chat tokens                  |
+| phi-console-tests/huge-tokenizer        | tokenizer.json                     | 65 MB                                 |
+| phi-console-tests/gated                 | Phi-3-mini-4k-instruct-q4.gguf     | refused without a token               |
+| phi-console-tests/slow                  | slow.gguf                          | random weights: prompts take seconds  |
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LFS_THRESHOLD = 10 * 1024 * 1024  # the hub stores files this big (and every *.gguf) in LFS
@@ -39,8 +39,8 @@ class Repo:
 
     def __post_init__(self) -> None:
         if not self.commit:
-            digest = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in self.files.items())).encode())
-            self.commit = digest.hexdigest()
+            contents = sorted((name, hashlib.sha256(data).hexdigest()) for name, data in self.files.items())
+            self.commit = hashlib.sha1(repr(contents).encode()).hexdigest()
 
 
 @dataclass(repr=False)
@@ -78,7 +78,7 @@ class Hub:
         finally:
             self.throttle, self.drop_after, self.expire_on_drop, self.refuse, self.hang = 0.0, None, False, False, False
 
-    def start(self) -> "Hub":
+    def start(self) -> Hub:
         hub = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -109,7 +109,7 @@ CHUNK = 1 << 20  # what the script writes at a time: a stopped run loses at most
 
 
 def stop_download(hub, home: Path, at: int, signum: int) -> tuple[int, str]:
-    """Start a first run on a slow hub and stop it once `at` bytes of the model are on disk; its exit code and stderr."""
+    """Start a first run on a slow hub, stop it once `at` bytes of the model are on disk; its exit code and stderr."""
     with hub.faults(throttle=4 << 20):  # the 12 MB model takes about 3 s
         process = start_download(hub, home)
         wait_for_partial_file(home, at)
@@ -173,7 +173,8 @@ def test_a_damaged_partial_file_costs_a_fresh_download_never_a_wrong_file(hub, t
     result = default_run(hub, tmp_path)
     assert result.returncode == 0, result.stderr
     assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
-    assert hub.sent == (len(served_model(hub)) - kept) + len(served_model(hub))  # the rest, a failed check, then all of it
+    # The rest, a failed check, then all of it:
+    assert hub.sent == (len(served_model(hub)) - kept) + len(served_model(hub))
     assert partial_files(tmp_path) == []
 
 

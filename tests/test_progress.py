@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import pty
 import re
@@ -82,7 +83,7 @@ def test_at_a_terminal_a_long_prompt_shows_a_moving_bar_that_is_gone_before_the_
     assert counts == sorted(counts)  # it only moves forward
     assert any(0 < n < total and n % 512 for n in counts)  # it moves within a batch, not only between them
     times = [at for at, _ in drawn]
-    assert max(b - a for a, b in zip(times, times[1:])) < 2.0  # it moves at least every two seconds
+    assert max(b - a for a, b in itertools.pairwise(times)) < 2.0  # it moves at least every two seconds
     assert times[-1] < reply_began  # drawn while the prompt was evaluated, before the reply
     assert stderr.rsplit(b"\r", 1)[-1].startswith(b"loaded in")  # erased: the report starts on a clean line
     assert b"\r" not in stdout and not BAR.search(stdout)  # the reply alone on stdout

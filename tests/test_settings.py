@@ -51,8 +51,8 @@ def test_an_edited_seed_and_top_p_reproduce_the_flags(hub, warm_home, tmp_path):
     copy = edited_copy(tmp_path, MODEL_REPO=f'"{CRAFTED}"', MODEL_FILE='"puck-goal.gguf"', SEED="11", TOP_P="0.4",
                        REPEAT_PENALTY="1.0", SAMPLE_LEN="30")
     edited = console(script=copy, hub=hub, home=warm_home)
-    flagged = console(*crafted(temperature=1, seed=11, top_p=0.4, sample_len=30, prompt="Write a haiku about ice hockey"),
-                      hub=hub, home=warm_home)
+    flags = crafted(temperature=1, seed=11, top_p=0.4, sample_len=30, prompt="Write a haiku about ice hockey")
+    flagged = console(*flags, hub=hub, home=warm_home)
     assert edited.returncode == 0, edited.stderr
     assert edited.stdout == flagged.stdout
 
