@@ -571,9 +571,9 @@ def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str]) -> l
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
     params.n_gpu_layers = gpu_layers
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
-        # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M). Without extra buffer types the
-        # weights never reach it; they lose the faster repacked layout (about a quarter slower generation).
-        # requirements.txt builds llama.cpp without that kernel.
+        # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M), and a default build has it.
+        # Without extra buffer types the weights never reach it; they lose the repacked layout (slower
+        # generation, faster prompts). A build with -U__AMX_INT8__ in its C and C++ flags lacks the kernel.
         params.use_extra_bufts = False
     # The weights are mapped (llama.cpp's default): a rerun starts from the page cache without copying 2.4 GB,
     # the tensors used in place are shared with that cache, and pages of tensors that were repacked into a
