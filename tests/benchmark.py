@@ -7,7 +7,7 @@ Everything is measured in one run on this machine, with the same number of threa
 - the model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with random weights,
   quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
 - llama-bench and llama-completion are built with CMake from the sdist of the installed llama-cpp-python (same
-  llama.cpp source, same compile flags as requirements.txt's build); llama-bench's best configuration
+  llama.cpp source, llama.cpp's default build like requirements.txt's); llama-bench's best configuration
   (`--repack`, `-fa`) counts, and llama-completion is the yardstick for a warm rerun's wall time;
 - phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
   once into the benchmark's HF_HOME, and every measured run starts from that cache.
@@ -47,7 +47,7 @@ MODEL_REPO, MODEL_FILE = "bench/phi3-mini-random", "phi3-mini-random-Q4_K_M.gguf
 TOKENIZER_REPO = "bench/phi3-tokenizer"
 THREADS = len(os.sched_getaffinity(0))  # one per core here (no SMT); the script's own default
 GEN_TOKENS, PROMPT_TOKENS, RUNS = 128, 512, 3
-BUILD_FLAGS = ["-DCMAKE_C_FLAGS=-U__AMX_INT8__", "-DCMAKE_CXX_FLAGS=-U__AMX_INT8__"]  # as requirements.txt
+BUILD_FLAGS: list[str] = []  # none, as requirements.txt: llama.cpp's default build
 
 
 def log(message: str) -> None:
