@@ -48,8 +48,8 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, TypeVar
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 try:
     import llama_cpp
@@ -343,7 +343,7 @@ def hashes_to(path: Path, etag: str) -> bool:
     if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
         return True  # not named by a hash: nothing to check against
     digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    return file_digest(path, digest, what=f"checking {path.name[:16]}") == etag
+    return file_digest(path, digest, what="checking the hash") == etag
 
 
 def file_digest(path: Path, digest: Any = None, *, what: str = "checking") -> str:
