@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 # /// script
-# requires-python = ">=3.10"
-# dependencies = ["llama-cpp-python==0.3.36", "huggingface_hub==2.4.0"]
+# requires-python = ">=3.9"
+# dependencies = [
+#     "llama-cpp-python==0.3.36",
+#     "huggingface_hub==2.4.0; python_version >= '3.10'",
+#     "huggingface_hub==1.8.0; python_version < '3.10'",
+# ]
 # ///
 """Stream a completion from Microsoft's Phi-3-mini, on your own machine.
 
@@ -59,7 +63,10 @@ try:
     from huggingface_hub.file_download import http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock, are_progress_bars_disabled, build_hf_headers, disable_progress_bars
     from huggingface_hub.utils import tqdm as hub_tqdm
-    from huggingface_hub.utils import httpx as hub_httpx
+    try:
+        from huggingface_hub.utils import httpx as hub_httpx  # huggingface_hub 2.x's HTTP client (httpx2)
+    except ImportError:  # huggingface_hub 1.x, the last for Python 3.9 (macOS's own python3), uses httpx itself
+        import httpx as hub_httpx
     from huggingface_hub.utils import logging as hub_logging
 except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed; run: pip install -r requirements.txt")
@@ -311,7 +318,7 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
             except OSError as error:
                 fail(f"the cached {path} is damaged and cannot be removed ({error.strerror}); delete it and run again")
             paths[index] = None
-    missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths, strict=True)) if not isinstance(path, str)]
+    missing = [(spec, i) for i, (spec, path) in enumerate(zip(files, paths)) if not isinstance(path, str)]
     if not missing:
         return paths  # type: ignore[return-value]
     if hub_constants.HF_HUB_OFFLINE:
@@ -322,7 +329,7 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
     for (repo, name, revision), _ in missing:
         head = functools.partial(get_hf_file_metadata, hf_hub_url(repo, name, revision=revision), timeout=timeout)
         metas.append(hub_call(head, repo=repo, name=name, revision=revision, timeout=timeout))
-    have = sum(partial_size(repo, name, meta) for ((repo, name, _), _), meta in zip(missing, metas, strict=True))
+    have = sum(partial_size(repo, name, meta) for ((repo, name, _), _), meta in zip(missing, metas))
     needed = sum(meta.size or 0 for meta in metas) - have
     cache = Path(hub_constants.HF_HUB_CACHE)
     free = shutil.disk_usage(next(p for p in (cache, *cache.parents) if p.exists())).free
@@ -332,7 +339,7 @@ def download(files: list[tuple[str, str, str]], *, state: Path, timeout: float, 
     resumed = f", resuming after the {have / 1e9:.2f} GB a stopped run left" if have else ""
     note(f"downloading {needed / 1e9:.2f} GB into {cache}{resumed} (once: later runs start from this cache)",
          quiet=quiet)
-    for ((repo, name, revision), i), meta in zip(missing, metas, strict=True):
+    for ((repo, name, revision), i), meta in zip(missing, metas):
         get = functools.partial(fetch, repo, name, revision, meta, state=state, timeout=timeout)
         paths[i] = hub_call(get, repo=repo, name=name, revision=revision, timeout=timeout, size=meta.size or 0)
     return paths  # type: ignore[return-value]
@@ -497,6 +504,7 @@ def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *,
     The hub sends the bytes from another host, through a signed link that expires (after an hour on
     huggingface.co): a slow download, or a retry after a dropped connection, can outlive it. When that host
     refuses the link, one HEAD asks the hub for a fresh one and the download goes on from the bytes on disk.
+    A connection dropped after some bytes arrived is taken up again from them too.
     """
     hub_constants.DOWNLOAD_CHUNK_SIZE = 1 << 20  # written every MiB (not 10): a stop loses at most that
     with open(partial, "r+b" if partial.exists() else "wb") as f:
@@ -510,6 +518,11 @@ def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *,
                 http_get(meta.location, f, resume_size=have, headers=headers_for(meta.location),
                          expected_size=meta.size, displayed_filename=name)
                 return had
+            except hub_httpx.TransportError:  # huggingface_hub 2.x resumes a dropped connection itself; 1.x not
+                if f.seek(0, os.SEEK_END) <= have:
+                    raise  # nothing arrived: the host is out of reach
+                have, refusals = f.tell(), 0
+                continue  # the connection dropped after some bytes: go on from them, with the same link
             except hub_errors.HfHubHTTPError as error:
                 status = error.response.status_code if error.response is not None else None
                 if status not in (401, 403):
@@ -897,7 +910,7 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dic
         have = saved.get("tokens") if saved.get("facts") == facts else None
         if not isinstance(have, list):
             continue
-        common = next((i for i, (a, b) in enumerate(zip(have, tokens, strict=False)) if a != b),
+        common = next((i for i, (a, b) in enumerate(zip(have, tokens)) if a != b),
                       min(len(have), len(tokens)))
         length = len(tokens) if common == len(have) == len(tokens) else common // batch * batch
         if length > usable:

@@ -39,6 +39,9 @@ from phi3_models import (SPECIAL_TOKENS, byte_token, hostile_ggufs, quantize_q4_
                          write_gguf)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "phi_console.py"
+# The Python that runs the script under test: the tests' own, or another (PHI_CONSOLE_PYTHON=.venv39/bin/python)
+# to check the script on a Python the tests themselves cannot run on, such as macOS's own 3.9.
+PYTHON = os.environ.get("PHI_CONSOLE_PYTHON", sys.executable)
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # the script's defaults, served locally
 MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"
 TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"
@@ -125,7 +128,7 @@ def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None 
     environment = environment_for(hub, home)
     environment.update(env or {})
     environment = {k: v for k, v in environment.items() if v is not None}
-    completed = subprocess.run([sys.executable, str(script), *args], input=stdin,
+    completed = subprocess.run([PYTHON, str(script), *args], input=stdin,
                                stdin=None if stdin is not None else subprocess.DEVNULL,
                                capture_output=True, env=environment, timeout=timeout,
                                preexec_fn=lambda: as_a_user(max_file_size=max_file_size))
@@ -134,7 +137,7 @@ def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None 
 
 def start(*args: str, hub: Hub | None, home: Path, stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
     """Start the real script in the background, as console() runs it, for tests that signal it mid-run."""
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=stdin, stdout=subprocess.PIPE,
+    return subprocess.Popen([PYTHON, str(SCRIPT), *args], stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=environment_for(hub, home), preexec_fn=as_a_user)
 
 

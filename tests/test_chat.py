@@ -10,12 +10,11 @@ import os
 import pty
 import re
 import select
-import sys
 import time
 
 import pytest
 
-from conftest import SCRIPT, as_a_user, console, crafted, environment_for
+from conftest import PYTHON, SCRIPT, as_a_user, console, crafted, environment_for
 
 
 def chat(hub, home, lines: list[str], **settings):
@@ -120,7 +119,7 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: exec the script with the terminal as its controlling tty
             as_a_user()
-            os.execve(sys.executable, [sys.executable, str(SCRIPT), *args],
+            os.execve(PYTHON, [PYTHON, str(SCRIPT), *args],
                       {**environment_for(hub, home), "TERM": "xterm"})
         self.seen = b""
         self.cursor = 0

@@ -5,13 +5,12 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import CRAFTED, SCRIPT, console, crafted, environment_for, start, the_error
+from conftest import CRAFTED, PYTHON, SCRIPT, console, crafted, environment_for, start, the_error
 
 
 BAD_SETTINGS = [
@@ -142,7 +141,7 @@ def test_sigterm_while_streaming_exits_143(hub, warm_home):
 
 
 def test_a_closed_stdout_ends_quietly(hub, warm_home):
-    command = f"{sys.executable} {SCRIPT} {shlex.join(crafted(sample_len=3000))} | head -c 20; exit ${{PIPESTATUS[0]}}"
+    command = f"{PYTHON} {SCRIPT} {shlex.join(crafted(sample_len=3000))} | head -c 20; exit ${{PIPESTATUS[0]}}"
     env = environment_for(hub, warm_home)
     result = subprocess.run(["bash", "-c", command], capture_output=True, env=env, timeout=60)
     assert result.stdout == b"puck puck puck puck "

@@ -8,14 +8,13 @@ import pty
 import re
 import struct
 import subprocess
-import sys
 import termios
 import threading
 import time
 
 import pytest
 
-from conftest import SCRIPT, as_a_user, console, environment_for
+from conftest import PYTHON, SCRIPT, as_a_user, console, environment_for
 
 LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
 BAR = re.compile(rb"prompt:\s+(\d+)%\|[^|]*\|\s+(\d+)/(\d+)")  # tqdm's "prompt:  42%|####  | 640/1503 [...]"
@@ -33,7 +32,7 @@ def run_long_prompt(hub, home, model_flags, *extra: str, stderr_at_a_terminal: b
 
     Returns the exit code, stdout, stderr, when stdout's first byte came, and each piece of stderr with when it came.
     """
-    args = [sys.executable, str(SCRIPT), *model_flags, "--prompt", LONG_PROMPT, "--sample-len", "3",
+    args = [PYTHON, str(SCRIPT), *model_flags, "--prompt", LONG_PROMPT, "--sample-len", "3",
             "--prompt-cache-gb", "0", *extra]  # no saved prompt: every run evaluates it
     if stderr_at_a_terminal:
         reader, writer = pty.openpty()
