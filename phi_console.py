@@ -350,13 +350,13 @@ def hashes_to(path: Path, etag: str) -> bool:
     if len(etag) not in (40, 64) or any(c not in "0123456789abcdef" for c in etag):
         return True  # not named by a hash: nothing to check against
     digest = hashlib.sha256() if len(etag) == 64 else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    return file_digest(path, digest, what="checking the hash") == etag
+    return file_digest(path, digest) == etag
 
 
-def file_digest(path: Path, digest: Any = None, *, what: str = "checking") -> str:
+def file_digest(path: Path, digest: Any = None) -> str:
     """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time (2.4 GB: seconds)."""
     digest = digest or hashlib.sha256()
-    with open(path, "rb") as f, progress(what, total=os.fstat(f.fileno()).st_size, unit="B") as done:
+    with open(path, "rb") as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as done:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
             done[0] += len(chunk)

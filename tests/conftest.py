@@ -199,3 +199,14 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> list[str]:
                       n_head=8, random_weights=True, dtype=np.float16)
     hub.add("phi-console-tests/slow", {"slow.gguf": path.read_bytes()})
     return ["--model-repo", "phi-console-tests/slow", "--model-file", "slow.gguf", "--threads", "1"]
+
+
+LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
+
+
+@pytest.fixture(scope="module")
+def slow_home(hub: Hub, slow_model: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF_HOME that already holds the slow model; one per test module, so no module sees another's prompts."""
+    home = tmp_path_factory.mktemp("slow_home")
+    assert console(*slow_model, "--sample-len", "1", hub=hub, home=home).returncode == 0  # downloaded once
+    return home

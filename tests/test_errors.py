@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CRAFTED, PYTHON, SCRIPT, console, crafted, environment_for, start, the_error
+from conftest import CRAFTED, LONG_PROMPT, PYTHON, SCRIPT, console, crafted, environment_for, start, the_error
 
 
 BAD_SETTINGS = [
@@ -149,7 +149,6 @@ def test_a_closed_stdout_ends_quietly(hub, warm_home):
     assert b"Traceback" not in result.stderr and b"Error" not in result.stderr
 
 
-LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
 
 
 def signal_during_the_prompt(hub, home, model_flags, signum: int, *extra: str, stdin: bytes = b"") -> tuple:
@@ -176,13 +175,6 @@ def signal_during_the_prompt(hub, home, model_flags, signum: int, *extra: str, s
     waited = time.monotonic() - signalled
     reader.join(timeout=10)
     return process.returncode, stdout, b"".join(log).decode("utf-8", "replace"), waited
-
-
-@pytest.fixture(scope="module")
-def slow_home(hub, slow_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("slow_home")
-    assert console(*slow_model, "--sample-len", "1", hub=hub, home=home).returncode == 0  # downloaded once
-    return home
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -14,17 +14,9 @@ import time
 
 import pytest
 
-from conftest import PYTHON, SCRIPT, as_a_user, console, environment_for
+from conftest import LONG_PROMPT, PYTHON, SCRIPT, as_a_user, environment_for
 
-LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
 BAR = re.compile(rb"prompt:\s+(\d+)%\|[^|]*\|\s+(\d+)/(\d+)")  # tqdm's "prompt:  42%|####  | 640/1503 [...]"
-
-
-@pytest.fixture(scope="module")
-def slow_home(hub, slow_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("slow_home")
-    assert console(*slow_model, "--sample-len", "1", hub=hub, home=home).returncode == 0  # downloaded once
-    return home
 
 
 def run_long_prompt(hub, home, model_flags, *extra: str, stderr_at_a_terminal: bool) -> tuple:
