@@ -560,9 +560,11 @@ def origin(url: str) -> tuple[str, str, int | None]:
 # ---------------------------------------------------------------------------------------------
 # Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose
 # ---------------------------------------------------------------------------------------------
-def route_llama_log(*, verbose: bool) -> list[str]:
-    """Show llama.cpp's log when verbose, else keep its error lines to explain a failure in one line."""
+def route_llama_log(*, verbose: bool) -> tuple[list[str], list[str]]:
+    """Show llama.cpp's log when verbose; keep its error lines, to explain a failure in one line, and the lines
+    that name the buffers the weights went to (a CPU_REPACK one holds weights repacked into a faster layout)."""
     errors: list[str] = []
+    buffers: list[str] = []
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -571,19 +573,25 @@ def route_llama_log(*, verbose: bool) -> list[str]:
             sys.stderr.write(message)
         elif level == 3 and message.strip():  # GGML_LOG_LEVEL_ERROR
             errors.append(message.strip())
+        if "model buffer size" in message:
+            buffers.append(message.strip())
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     route_llama_log.keep_alive = on_log  # type: ignore[attr-defined]  # llama.cpp holds a raw pointer to it
-    return errors
+    return errors, buffers
 
 
-def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str]) -> llama_cpp.llama_model_p:
+def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str],
+               repack: bool = True) -> llama_cpp.llama_model_p:
+    """The model, its weights mapped from the file; with repack, llama.cpp's choice of layout for this CPU."""
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     if gpu_layers is None:
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
     params.n_gpu_layers = gpu_layers
-    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+    if not repack:
+        params.use_extra_bufts = False  # every weight used in place, as the file has it
+    elif b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M), and a default build has it.
         # Without extra buffer types the weights never reach it; they lose the repacked layout (slower
         # generation, faster prompts). A build with -U__AMX_INT8__ in its C and C++ flags lacks the kernel.
@@ -635,17 +643,10 @@ def identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]:
 
 def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, batch: int,
                 gpu: bool) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
-    """A context of n_ctx tokens, and the settings of it that change the numbers it computes.
-
-    Those are: the cache's size (llama.cpp rounds it up to a multiple of 256), the batches a prompt is cut
-    into (of `batch` tokens: a smaller context cannot hold a longer prompt), threads and flash attention.
-    """
+    """A context of n_ctx tokens, and the settings of it that change the numbers it computes (context_facts)."""
+    facts = context_facts(n_ctx, threads=threads, batch=batch, gpu=gpu)
     params = llama_cpp.llama_context_default_params()
-    # On the CPU, flash attention is off at every depth: measured on an AMD EPYC and an Intel Xeon, it slows
-    # generation by 22-41% once 256 or more tokens are in the context, and what it gains in a shorter one is
-    # within noise (-6% to +4%); switching it by depth would also make a longer --sample-len change the reply.
-    # On a GPU, llama.cpp's own choice stands.
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = facts["flash_attn"]
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = min(n_ctx, batch)
     params.n_threads = params.n_threads_batch = threads
@@ -653,8 +654,23 @@ def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, bat
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); try a smaller --ctx")
-    return ctx, {"n_ctx": llama_cpp.llama_n_ctx(ctx), "batch": batch, "threads": threads,
-                 "flash_attn": params.flash_attn_type}
+    if llama_cpp.llama_n_ctx(ctx) != facts["n_ctx"]:  # a llama.cpp that sizes its cache another way
+        facts["n_ctx"] = llama_cpp.llama_n_ctx(ctx)
+    return ctx, facts
+
+
+def context_facts(n_ctx: int, *, threads: int, batch: int, gpu: bool) -> dict[str, Any]:
+    """What a context of n_ctx tokens computes with, known before creating it.
+
+    That is: the cache's size (llama.cpp rounds it up to a multiple of 256), the batches a prompt is cut into
+    (of `batch` tokens: a smaller context cannot hold a longer prompt), threads and flash attention.
+    """
+    # On the CPU, flash attention is off at every depth: measured on an AMD EPYC and an Intel Xeon, it slows
+    # generation by 22-41% once 256 or more tokens are in the context, and what it gains in a shorter one is
+    # within noise (-6% to +4%); switching it by depth would also make a longer --sample-len change the reply.
+    # On a GPU, llama.cpp's own choice stands.
+    flash_attn = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return {"n_ctx": -(-n_ctx // 256) * 256, "batch": batch, "threads": threads, "flash_attn": flash_attn}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,6 +762,70 @@ def signals_noted() -> Iterator[list[int]]:
 def raise_caught(caught: list[int]) -> None:
     if caught:
         raise KeyboardInterrupt if caught[0] == signal.SIGINT else SystemExit(128 + caught[0])
+
+
+def prompt_on_plain_weights(path: str, model: llama_cpp.llama_model_p, held: list[int],
+                            found: tuple[Path, dict[str, Any], int] | None, *, n_ctx: int, context: dict[str, Any],
+                            folder: Path, quiet: bool) -> tuple[llama_cpp.llama_context_p, int]:
+    """Evaluate `held` on the weights as the file has them; a context of `model` that holds it, and how many of
+    its tokens an earlier run's saved state gave (`found`, as saved_prompt finds it).
+
+    On a CPU, llama.cpp repacks some weights into a layout that suits generation (one token at a time) better
+    than prompts (hundreds at a time): on an AMD EPYC (AVX2) prompts ran about 10% slower on it, on an Intel
+    Xeon (AVX-512) 1.1-1.7x slower, while generation gained. So the file is mapped a second time without
+    repacking (no copy: both mappings share the page cache, and it takes a tenth of a second), the prompt is
+    evaluated there, and its cache moves through a file into a new context of the repacked model. That file
+    is written, not mapped, and the second model and context are freed before the new context is made, so this
+    process's own memory peaks no higher than with one model.
+    """
+    plain = load_model(path, gpu_layers=0, log_errors=[], repack=False)
+    moving = folder / f"{os.getpid()}.moving"
+    try:
+        ctx, _ = new_context(plain, n_ctx=n_ctx, batch=BATCH, **context)
+        try:
+            restored = restore_prompt(ctx, found, quiet=quiet) if found else 0
+            evaluate(ctx, held[restored:])
+            in_memory = state_out(ctx, moving, held)
+        finally:
+            llama_cpp.llama_free(ctx)
+    finally:
+        llama_cpp.llama_model_free(plain)
+    try:
+        ctx, _ = new_context(model, n_ctx=n_ctx, batch=BATCH, **context)
+        state_in(ctx, moving, in_memory, held)
+    finally:
+        moving.unlink(missing_ok=True)
+    return ctx, restored
+
+
+def state_out(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> ctypes.Array | None:
+    """Write the cache's state, which holds `tokens`, to path; where no file can be written, return it instead."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob("*.moving"):  # left by a run that was killed while moving its prompt
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink(missing_ok=True)
+        with uninterrupted():
+            if llama_cpp.llama_state_seq_save_file(ctx, str(path).encode(), 0,
+                                                   (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens)):
+                return None
+    size = llama_cpp.llama_state_seq_get_size(ctx, 0)  # a full or read-only disk: in memory, for this once
+    data = (ctypes.c_uint8 * size)()
+    llama_cpp.llama_state_seq_get_data(ctx, data, size, 0)
+    return data
+
+
+def state_in(ctx: llama_cpp.llama_context_p, path: Path, data: ctypes.Array | None, tokens: list[int]) -> None:
+    """Load what state_out kept into an empty context."""
+    with uninterrupted():
+        if data is not None:
+            moved = llama_cpp.llama_state_seq_set_data(ctx, data, len(data), 0) == len(data)
+        else:
+            out, count = (llama_cpp.llama_token * len(tokens))(), ctypes.c_size_t(0)
+            moved = bool(llama_cpp.llama_state_seq_load_file(ctx, str(path).encode(), 0, out, len(tokens),
+                                                              ctypes.byref(count))) and out[:count.value] == tokens
+    if not moved or llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1 != len(tokens):
+        fail("llama.cpp could not move the evaluated prompt into the context that generates")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,11 +929,12 @@ def speed(count: int, seconds: float) -> str:
 
 def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str, int], n_ctx: int,
              context: dict[str, Any], sampling: dict[str, Any], identity: dict[str, Any], prompts: Path,
-             prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
+             prompt_cache_gb: float, plain_weights: str | None, started: float, quiet: bool, verbose: bool) -> int:
     """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr.
 
     A prompt evaluated by an earlier run (same model, build and context) is restored from the state that run
-    saved in `prompts`, instead of being evaluated again.
+    saved in `prompts`, instead of being evaluated again. plain_weights: the model file, when the prompt is to be
+    evaluated on its weights as the file has them (see prompt_on_plain_weights); None = on `model`.
     """
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, with_system(sampling["system"], prompt), specials)
@@ -863,18 +944,32 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
     sample_len = min(sampling["sample_len"], n_ctx - len(tokens) + 1)
     if sample_len < sampling["sample_len"]:
         note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
-    # One completion needs no more cache than its prompt and reply: less memory, and less to clear.
-    ctx, settings = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), batch=BATCH, **context)
-    facts = {**identity, **settings}
-    loaded = time.perf_counter()
+    size = min(n_ctx, len(tokens) + sample_len)  # no more cache than the prompt and reply: less memory to clear
     held = tokens[:-1]  # what a saved state holds: it keeps no logits, so the last token is evaluated every run
-    restored = restore_prompt(ctx, held, facts, folder=prompts, quiet=quiet) if prompt_cache_gb else 0
+    facts = {**identity, **context_facts(size, batch=BATCH, **context),
+             "prompt weights": "as in the file" if plain_weights else "as loaded"}
+    loaded = time.perf_counter()
+    found = saved_prompt(prompts, held, facts, batch=min(size, BATCH)) if prompt_cache_gb else None
+    ctx, restored = None, 0
+    if found and (found[2] == len(held) or not plain_weights):  # all of it saved, or no other weights to use
+        ctx, _ = new_context(model, n_ctx=size, batch=BATCH, **context)
+        restored, found = restore_prompt(ctx, found, quiet=quiet), None
+    if plain_weights and restored < len(held):
+        if ctx:
+            llama_cpp.llama_free(ctx)  # its saved state turned out unusable
+        ctx, restored = prompt_on_plain_weights(plain_weights, model, held, found, n_ctx=size, context=context,
+                                                folder=prompts, quiet=quiet)
+        if verbose:
+            note("prompt: evaluated on the weights as the file has them; generating on the repacked ones", quiet=quiet)
+    elif ctx is None:
+        ctx, _ = new_context(model, n_ctx=size, batch=BATCH, **context)
+    start = len(held) if plain_weights else restored  # the prompt's tokens already in the cache
     seed = chosen_seed(sampling["seed"])  # chosen here, so that the report can name it
     sampler = sampler_for(vocab, {**sampling, "seed": seed}, window=[])
     reply: list[int] = []
     stamps: list[float] = []
     try:
-        show(generate(ctx, prompt=tokens[restored:], sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
+        show(generate(ctx, prompt=tokens[start:], sampler=sampler, stop_ids={specials[name] for name in STOP_TOKENS},
                       hidden_ids=set(specials.values()), sample_len=sample_len, last_alone=True),
              tokens=reply, stamps=stamps)
     finally:
@@ -896,15 +991,16 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
 # ---------------------------------------------------------------------------------------------
 # Saved prompts (optional on a first read): reruns and /load restore an evaluated prompt
 # ---------------------------------------------------------------------------------------------
-def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[str, Any], *, folder: Path,
-                   quiet: bool) -> int:
-    """Put into the cache the longest start of `tokens` that an earlier run saved under the same facts; its length.
+def saved_prompt(folder: Path, tokens: list[int], facts: dict[str, Any], *,
+                 batch: int) -> tuple[Path, dict[str, Any], int] | None:
+    """The saved prompt, of those earlier runs saved under the same facts, that can give the longest start of
+    `tokens`: its index file, the index, and that length.
 
-    What comes back is exactly what evaluating those tokens here would compute: all of them, or a shared start
-    cut where evaluation's batches end (a multiple of the batch size), so that the rest is evaluated in the
-    same batches as without it. The reply is then the same to the byte.
+    What it can give back is exactly what evaluating those tokens here would compute: all of them, or a shared
+    start cut where evaluation's batches end (a multiple of `batch`), so that the rest is evaluated in the same
+    batches as without it. The reply is then the same to the byte.
     """
-    batch, best, usable = llama_cpp.llama_n_batch(ctx), None, 0
+    best, usable = None, 0
     for index in folder.glob("*.json"):
         saved = read_json(index)
         have = saved.get("tokens") if saved.get("facts") == facts else None
@@ -915,9 +1011,12 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dic
         length = len(tokens) if common == len(have) == len(tokens) else common // batch * batch
         if length > usable:
             best, usable = (index, saved), length
-    if best is None:
-        return 0
-    index, saved = best
+    return None if best is None else (*best, usable)
+
+
+def restore_prompt(ctx: llama_cpp.llama_context_p, found: tuple[Path, dict[str, Any], int], *, quiet: bool) -> int:
+    """Put what saved_prompt found into the cache; how many tokens that is (0 if the saved state is not usable)."""
+    index, saved, usable = found
     distrust = load_state(ctx, index.with_suffix(".state"), saved.get("sha256"), saved["tokens"])
     if distrust:
         note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
@@ -1393,18 +1492,21 @@ def main(argv: list[str] | None = None) -> int:
     specials = read_special_tokens(tokenizer_path)
 
     started = time.perf_counter()  # 3. load
-    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=route_llama_log(verbose=verbose))
+    errors, buffers = route_llama_log(verbose=verbose)
+    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=errors)
     check_model(model, specials, n_ctx=settings.ctx)
     context = dict(threads=settings.threads or physical_cores(),
                    gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
     sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
     model_identity = identity(model_path, gpu_layers=settings.gpu_layers)
+    # Some weights repacked for this CPU: prompts are faster on the file's own layout (prompt_on_plain_weights)
+    repacked = not context["gpu"] and any("CPU_REPACK" in line for line in buffers)
     if settings.chat or settings.load:  # 4-6. prompt, stream and report, once or for every message
         return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
                     identity=model_identity, load=settings.load, quiet=quiet)
     return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
                     identity=model_identity, prompts=kept / "prompts", prompt_cache_gb=settings.prompt_cache_gb,
-                    started=started, quiet=quiet, verbose=verbose)
+                    plain_weights=model_path if repacked else None, started=started, quiet=quiet, verbose=verbose)
 
 
 def run() -> None:

@@ -202,3 +202,59 @@ def test_saved_prompts_stay_within_their_disk_limit_dropping_the_least_recently_
 def test_a_prompt_cache_of_zero_saves_nothing(hub, home):
     run(hub, home, "why is the sky blue", prompt_cache_gb=0)
     assert saved(home) == []
+
+
+# Where llama.cpp repacks weights for this CPU (it does on x86-64 with AVX2 for Q4_K tensors, as in these models),
+# a prompt is evaluated on a second mapping of the file without repacking and moved into the repacked model.
+def verbose(hub, home, prompt: str, **settings: object):
+    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
+    result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", prompt, "--verbose",
+                     *flags(**chosen), hub=hub, home=home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def mappings(result) -> int:
+    """How many times the run loaded the model file (llama.cpp logs one mapped buffer per load)."""
+    return len(re.findall(r"CPU_Mapped model buffer size", result.stderr))
+
+
+def moving_files(home) -> list:
+    return sorted(home.rglob("*.moving"))
+
+
+def test_a_prompt_is_evaluated_on_the_files_own_layout_and_the_reply_generated_on_the_repacked_one(hub, home):
+    result = verbose(hub, home, LONG, prompt_cache_gb=0)
+    if "CPU_REPACK model buffer size" not in result.stderr:
+        pytest.skip("llama.cpp repacks nothing on this CPU: one layout serves both")
+    assert mappings(result) == 2
+    assert "prompt: evaluated on the weights as the file has them; generating on the repacked ones" in result.stderr
+    assert result.stdout == fresh(hub, home, LONG)  # --verbose changes nothing but stderr
+    assert moving_files(home) == []  # the file the prompt's state moved through is gone
+
+
+def test_a_prompt_restored_whole_maps_the_file_only_once(hub, home):
+    first = verbose(hub, home, "why is the sky blue")
+    again = verbose(hub, home, "why is the sky blue")
+    assert restored(again) == prompt_tokens(again) - 1
+    assert mappings(again) == 1 and "evaluated on the weights as the file has them" not in again.stderr
+    assert again.stdout == first.stdout
+    if "CPU_REPACK model buffer size" in first.stderr:
+        assert mappings(first) == 2
+
+
+def test_a_full_disk_does_not_change_the_reply(hub, home):
+    # The prompt's state cannot be written to a file: it moves in memory instead, and the numbers are the same.
+    result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG,
+                     *flags(temperature=1.0, seed=7, sample_len=12, prompt_cache_gb=0), hub=hub, home=home,
+                     max_file_size=4096)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == fresh(hub, home, LONG)
+    assert moving_files(home) == []
+
+
+def test_a_model_that_llama_cpp_does_not_repack_is_loaded_once(hub, slow_model, slow_home):
+    result = console(*slow_model, "--prompt", "hello", "--sample-len", "1", "--verbose", hub=hub, home=slow_home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CPU_REPACK model buffer size" not in result.stderr  # F16 weights keep their layout
+    assert mappings(result) == 1 and "evaluated on the weights as the file has them" not in result.stderr
