@@ -151,6 +151,7 @@ MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
 BATCH = 512  # prompt tokens evaluated per llama_decode call
 LOAD_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"  # the load's bar counts percent, not bytes
 LINK_REFRESHES = 3  # fresh download links asked of the hub in a row, with no byte between, before giving up
+PLAIN_PROMPT_TOKENS = 256  # a prompt this long is evaluated on the file's own layout: prompt_on_plain_weights
 
 T = TypeVar("T")
 
@@ -771,12 +772,13 @@ def prompt_on_plain_weights(path: str, model: llama_cpp.llama_model_p, held: lis
     its tokens an earlier run's saved state gave (`found`, as saved_prompt finds it).
 
     On a CPU, llama.cpp repacks some weights into a layout that suits generation (one token at a time) better
-    than prompts (hundreds at a time): on an AMD EPYC (AVX2) prompts ran about 10% slower on it, on an Intel
-    Xeon (AVX-512) 1.1-1.7x slower, while generation gained. So the file is mapped a second time without
-    repacking (no copy: both mappings share the page cache, and it takes a tenth of a second), the prompt is
-    evaluated there, and its cache moves through a file into a new context of the repacked model. That file
-    is written, not mapped, and the second model and context are freed before the new context is made, so this
-    process's own memory peaks no higher than with one model.
+    than prompts (hundreds at a time): on an AMD EPYC (AVX2) 512-token batches ran about 8-10% slower on it, on
+    an Intel Xeon (AVX-512) 1.1-1.7x slower, while generation gained. So the file is mapped a second time
+    without repacking (no copy: both mappings share the page cache; it takes 0.1-0.3 s), the prompt is
+    evaluated there, and its cache moves through a file into a new context of the repacked model (about 1.3 ms
+    per token). That file is written, not mapped, and the second model and context are freed before the new
+    context is made, so this process's own memory peaks no higher than with one model. Below
+    PLAIN_PROMPT_TOKENS those fixed costs, and the plain layout's slower small batches, outweigh the gain.
     """
     plain = load_model(path, gpu_layers=0, log_errors=[], repack=False)
     moving = folder / f"{os.getpid()}.moving"
@@ -946,6 +948,8 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
         note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
     size = min(n_ctx, len(tokens) + sample_len)  # no more cache than the prompt and reply: less memory to clear
     held = tokens[:-1]  # what a saved state holds: it keeps no logits, so the last token is evaluated every run
+    if len(held) < PLAIN_PROMPT_TOKENS:  # a short prompt: the second mapping costs more than it saves
+        plain_weights = None
     facts = {**identity, **context_facts(size, batch=BATCH, **context),
              "prompt weights": "as in the file" if plain_weights else "as loaded"}
     loaded = time.perf_counter()

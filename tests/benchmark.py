@@ -126,8 +126,21 @@ def best(results: list[dict]) -> dict:
     return max(results, key=lambda r: r["median_ts"])
 
 
-def run_measured(command: list[str], env: dict[str, str]) -> tuple[str, str, int]:
-    """Run a command; return its stdout, its stderr and its own peak RSS in bytes."""
+def private_dirty(pid: int) -> int:
+    """A process's own anonymous memory in bytes (Private_Dirty): unlike RSS, not the file pages it shares."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Private_Dirty:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def run_measured(command: list[str], env: dict[str, str], memory: bool = False) -> tuple[str, str, int]:
+    """Run a command; return its stdout, its stderr and, with memory, its peak Private_Dirty in bytes.
+
+    Memory is sampled every 0.1 s, and only when asked: reading smaps_rollup walks the process's page tables
+    and slows it, so timed runs are not sampled.
+    """
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                stdin=subprocess.DEVNULL, text=True)
     streams: dict[str, str] = {}
@@ -135,13 +148,17 @@ def run_measured(command: list[str], env: dict[str, str]) -> tuple[str, str, int
                for name, stream in (("out", process.stdout), ("err", process.stderr))]
     for reader in readers:
         reader.start()
+    peak = 0
+    while memory and readers[1].is_alive():
+        peak = max(peak, private_dirty(process.pid))
+        readers[1].join(0.1)
     for reader in readers:
         reader.join()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, _ = os.wait4(process.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"exit {code}: {streams['err'][-1500:]}")
-    return streams["out"], streams["err"], usage.ru_maxrss * 1024
+    return streams["out"], streams["err"], peak
 
 
 SNIPPET = r"""
@@ -155,20 +172,26 @@ print(json.dumps({"first": stamps[0] - started, "rate": (tokens - 1) / (stamps[-
 """
 
 
-def script_runs(command: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run phi_console.py RUNS times; medians of its own report (load, prompt and generation speed) and peak RSS."""
+def script_runs(command: list[str], env: dict[str, str], before=None) -> dict[str, float]:
+    """Run phi_console.py RUNS times; medians of its own report (load, prompt and generation speed).
+    before(), if given, runs untimed before each run."""
     runs = []
     for _ in range(RUNS):
-        _, err, peak = run_measured(command, env)
-        report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, ([\d.]+) tok/s \| generated: (\d+) "
-                           r"tokens, ([\d.]+|n/a)", err)
+        if before:
+            before()
+        _, err, _ = run_measured(command, env)
+        report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, (?:([\d.]+) tok/s|(\d+) restored from an "
+                           r"earlier run in ([\d.]+) s) \| generated: (\d+) tokens, ([\d.]+|n/a)", err)
         if not report:
             raise RuntimeError(f"no report in: {err[-500:]}")
-        load, n_prompt, pp, n_gen, tg = (float(x) if x != "n/a" else 0.0 for x in report.groups())
+        load, n_prompt, pp, n_restored, seconds, n_gen, tg = (float(x) if x not in (None, "n/a") else 0.0
+                                                              for x in report.groups())
+        if n_restored:  # the speed of what was evaluated after the restored start, restoring included
+            pp = (n_prompt - n_restored) / seconds
         # With --verbose, llama.cpp prints its own decode time per token: ours minus it is Python + sampling.
         decode = re.search(r" eval time = +[\d.]+ ms / +\d+ runs +\( *([\d.]+) ms per token", err)
         overhead = 1000 / tg - float(decode.group(1)) if decode and tg else float("nan")
-        runs.append(dict(load=load, n_prompt=n_prompt, pp=pp, n_gen=n_gen, tg=tg, peak=peak, overhead=overhead))
+        runs.append(dict(load=load, n_prompt=n_prompt, pp=pp, n_gen=n_gen, tg=tg, overhead=overhead))
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
@@ -260,15 +283,28 @@ def main() -> None:
     bandwidth = read_bandwidth()
     log("llama-bench: generation, every configuration...")
     tg = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", "0,1", "-fa", "0,1"))
-    log("llama-bench: prompt evaluation, every configuration...")
-    pp = best(run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "--repack", "0,1", "-fa", "0,1"))
-    log("llama-bench: generation after a 500-token prompt...")
-    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "1",
+    log("llama-bench: prompt evaluation at depth 0 and 512, every configuration...")
+    pps = run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "-d", "0,512", "--repack", "0,1",
+                          "-fa", "0,1")
+    pp, pp_deep = (best([r for r in pps if r["n_depth"] == depth]) for depth in (0, 512))
+    log("llama-bench: generation after a 500-token prompt, every configuration...")
+    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "0,1",
                                 "-fa", "0,1"))
     log("phi_console.py: generation, prompt evaluation, and both together...")
     short = script_runs(evaluated("hello", GEN_TOKENS), env)
     prompt = script_runs(evaluated(long_prompt, 1), env)
     both = script_runs(evaluated(long_prompt, GEN_TOKENS), env)
+    log("phi_console.py: a prompt whose first 512 tokens an earlier run saved (the rest evaluated at depth 512)...")
+    shared = " ".join(["hello world"] * 260)  # more than 512 tokens that both prompts start with
+
+    def save_the_shared_start() -> None:
+        shutil.rmtree(saved_prompts, ignore_errors=True)
+        run_measured(script(shared + " quick brown fox", 1), env)
+
+    at_depth = script_runs(script(" ".join(["hello world"] * 500), 1), env, before=save_the_shared_start)
+    log("phi_console.py: peak memory, in runs of their own...")
+    short["peak"] = run_measured(evaluated("hello", GEN_TOKENS), env, memory=True)[2]
+    both["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS), env, memory=True)[2]
 
 
     log("the llama-cpp-python snippet (library defaults) on the same 500-token prompt...")
@@ -303,14 +339,18 @@ def main() -> None:
         (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", f"{prompt['pp']:.1f}",
          f"llama-bench pp{PROMPT_TOKENS}: {pp['median_ts']:.1f} ({config(pp)})",
          f"{prompt['pp'] / pp['median_ts']:.3f}"),
+        (f"prompt evaluation, {int(at_depth['n_prompt']) - 512} tokens after 512 restored (tok/s)",
+         f"{at_depth['pp']:.1f}",
+         f"llama-bench pp{PROMPT_TOKENS} @ d512: {pp_deep['median_ts']:.1f} ({config(pp_deep)})",
+         f"{at_depth['pp'] / pp_deep['median_ts']:.3f}"),
         ("generation after that prompt (tok/s)", f"{both['tg']:.2f}",
          f"llama-bench tg{GEN_TOKENS} @ d500: {deep['median_ts']:.2f} ({config(deep)})",
          f"{both['tg'] / deep['median_ts']:.3f}"),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
-        ("peak RSS (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB", f"model file {size / 2**30:.2f} GiB",
-         f"{short['peak'] / size:.2f}x"),
-        ("peak RSS (500-token prompt + 128 tokens)", f"{both['peak'] / 2**30:.2f} GiB", "",
+        ("peak Private_Dirty (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB",
+         f"model file {size / 2**30:.2f} GiB", f"{short['peak'] / size:.2f}x"),
+        ("peak Private_Dirty (500-token prompt + 128 tokens)", f"{both['peak'] / 2**30:.2f} GiB", "",
          f"{both['peak'] / size:.2f}x"),
         ("vs the snippet: generation after the 500-token prompt (tok/s)", f"{both['tg']:.2f}",
          f"snippet: {snippet_rate:.2f}" if snippet_rate else f"snippet failed: {snippets[0].get('error')}",

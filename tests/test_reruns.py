@@ -234,13 +234,20 @@ def test_a_prompt_is_evaluated_on_the_files_own_layout_and_the_reply_generated_o
 
 
 def test_a_prompt_restored_whole_maps_the_file_only_once(hub, home):
-    first = verbose(hub, home, "why is the sky blue")
-    again = verbose(hub, home, "why is the sky blue")
+    first = verbose(hub, home, LONG)
+    again = verbose(hub, home, LONG)
     assert restored(again) == prompt_tokens(again) - 1
     assert mappings(again) == 1 and "evaluated on the weights as the file has them" not in again.stderr
     assert again.stdout == first.stdout
     if "CPU_REPACK model buffer size" in first.stderr:
         assert mappings(first) == 2
+
+
+def test_a_short_prompt_is_evaluated_on_the_repacked_weights_directly(hub, home):
+    # Below 256 tokens, mapping the file again and moving the state would cost more than it saves.
+    result = verbose(hub, home, "why is the sky blue", prompt_cache_gb=0)
+    assert mappings(result) == 1 and "evaluated on the weights as the file has them" not in result.stderr
+    assert result.stdout == fresh(hub, home, "why is the sky blue")
 
 
 def test_a_full_disk_does_not_change_the_reply(hub, home):
