@@ -23,7 +23,8 @@ The file, in the order the work happens (the sections marked optional can be ski
   Download         the cache first, the hub only for what it lacks; every file checked against its hash
   Resumable        (optional) a stopped download goes on where it stopped; the token stays on the hub
   Load             llama.cpp maps the weights; the model and tokenizer must agree
-  Prompt           Phi-3's chat format; evaluate(), the batches a prompt is fed in, with Ctrl-C and a bar
+  Prompt           Phi-3's chat format; evaluate(), the batches a prompt is fed in, with Ctrl-C and a bar;
+                   a long prompt evaluated on the file's own layout of the weights, generation on the repacked one
   Stream           the sampler, generate() (the token loop), complete(): one reply to one prompt
   Saved prompts    (optional) a rerun restores its evaluated prompt instead of evaluating it again
   Chat             (optional) a conversation kept in the KV cache; /save and /load
@@ -805,8 +806,9 @@ def state_out(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> 
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob("*.moving"):  # left by a run that was killed while moving its prompt
-            if time.time() - stale.stat().st_mtime > 3600:
-                stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (or being written by another run right now: then recent)
+                if time.time() - stale.stat().st_mtime > 3600:
+                    stale.unlink()
         with uninterrupted():
             if llama_cpp.llama_state_seq_save_file(ctx, str(path).encode(), 0,
                                                    (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens)):
