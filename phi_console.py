@@ -595,8 +595,8 @@ def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str],
         params.use_extra_bufts = False  # every weight used in place, as the file has it
     elif b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M), and a default build has it.
-        # Without extra buffer types the weights never reach it; they lose the repacked layout (slower
-        # generation, faster prompts). A build with -U__AMX_INT8__ in its C and C++ flags lacks the kernel.
+        # Without extra buffer types the weights never reach it; generation loses the repacked layout
+        # (slower). A build with -U__AMX_INT8__ in its C and C++ flags lacks the kernel.
         params.use_extra_bufts = False
     # The weights are mapped (llama.cpp's default): a rerun starts from the page cache without copying 2.4 GB,
     # the tensors used in place are shared with that cache, and pages of tensors that were repacked into a
@@ -776,8 +776,8 @@ def prompt_on_plain_weights(path: str, model: llama_cpp.llama_model_p, held: lis
     than prompts (hundreds at a time): on an AMD EPYC (AVX2) 512-token batches ran about 8-10% slower on it, on
     an Intel Xeon (AVX-512) 1.1-1.7x slower, while generation gained. So the file is mapped a second time
     without repacking (no copy: both mappings share the page cache; it takes 0.1-0.3 s), the prompt is
-    evaluated there, and its cache moves through a file into a new context of the repacked model (about 1.3 ms
-    per token). That file is written, not mapped, and the second model and context are freed before the new
+    evaluated there, and its cache moves through a file into a new context of the repacked model (about 1.5 ms
+    per token on the EPYC). That file is written, not mapped, and the second model and context are freed before the new
     context is made, so this process's own memory peaks no higher than with one model. Below
     PLAIN_PROMPT_TOKENS those fixed costs, and the plain layout's slower small batches, outweigh the gain.
     """
@@ -809,10 +809,8 @@ def state_out(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> 
             with contextlib.suppress(OSError):  # (or being written by another run right now: then recent)
                 if time.time() - stale.stat().st_mtime > 3600:
                     stale.unlink()
-        with uninterrupted():
-            if llama_cpp.llama_state_seq_save_file(ctx, str(path).encode(), 0,
-                                                   (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens)):
-                return None
+        write_state(ctx, path, tokens)
+        return None
     size = llama_cpp.llama_state_seq_get_size(ctx, 0)  # a full or read-only disk: in memory, for this once
     data = (ctypes.c_uint8 * size)()
     llama_cpp.llama_state_seq_get_data(ctx, data, size, 0)
@@ -821,14 +819,13 @@ def state_out(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> 
 
 def state_in(ctx: llama_cpp.llama_context_p, path: Path, data: ctypes.Array | None, tokens: list[int]) -> None:
     """Load what state_out kept into an empty context."""
-    with uninterrupted():
-        if data is not None:
+    if data is None:
+        moved = read_state(ctx, path, tokens)
+    else:
+        with uninterrupted():
             moved = llama_cpp.llama_state_seq_set_data(ctx, data, len(data), 0) == len(data)
-        else:
-            out, count = (llama_cpp.llama_token * len(tokens))(), ctypes.c_size_t(0)
-            moved = bool(llama_cpp.llama_state_seq_load_file(ctx, str(path).encode(), 0, out, len(tokens),
-                                                              ctypes.byref(count))) and out[:count.value] == tokens
-    if not moved or llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1 != len(tokens):
+        moved = moved and llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1 == len(tokens)
+    if not moved:
         fail("llama.cpp could not move the evaluated prompt into the context that generates")
 
 
@@ -1082,11 +1079,7 @@ def forget_prompt(index: Path) -> None:
 
 def save_state(ctx: llama_cpp.llama_context_p, state: Path, tokens: list[int]) -> str:
     """Write llama.cpp's state of the cache, which holds `tokens` (no logits); the file's sha256."""
-    with uninterrupted():
-        written = llama_cpp.llama_state_seq_save_file(ctx, str(state).encode(), 0,
-                                                      (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
-    if not written:
-        raise OSError(f"llama.cpp could not write {state}")
+    write_state(ctx, state, tokens)
     return file_digest(state)
 
 
@@ -1097,14 +1090,28 @@ def load_state(ctx: llama_cpp.llama_context_p, state: Path, sha256: str | None, 
             return "it has changed since it was saved"
     except OSError as error:
         return error.strerror or str(error)
+    return None if read_state(ctx, state, tokens) else "llama.cpp could not restore it"
+
+
+def write_state(ctx: llama_cpp.llama_context_p, state: Path, tokens: list[int]) -> None:
+    """Write the cache's state, which holds `tokens`; OSError if llama.cpp could not."""
+    with uninterrupted():
+        written = llama_cpp.llama_state_seq_save_file(ctx, str(state).encode(), 0,
+                                                      (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
+    if not written:
+        raise OSError(f"llama.cpp could not write {state}")
+
+
+def read_state(ctx: llama_cpp.llama_context_p, state: Path, tokens: list[int]) -> bool:
+    """Load what write_state wrote into an empty cache, if it holds exactly `tokens`; else leave the cache empty."""
     out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
     memory = llama_cpp.llama_get_memory(ctx)
     with uninterrupted():
         read = llama_cpp.llama_state_seq_load_file(ctx, str(state).encode(), 0, out, len(tokens), ctypes.byref(count))
         if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1 == len(tokens):
-            return None
+            return True
         llama_cpp.llama_memory_clear(memory, True)
-    return "llama.cpp could not restore it"
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
