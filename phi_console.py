@@ -656,8 +656,7 @@ def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, bat
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); try a smaller --ctx")
-    if llama_cpp.llama_n_ctx(ctx) != facts["n_ctx"]:  # a llama.cpp that sizes its cache another way
-        facts["n_ctx"] = llama_cpp.llama_n_ctx(ctx)
+    facts["n_ctx"] = llama_cpp.llama_n_ctx(ctx)  # the same, unless a llama.cpp sizes its cache another way
     return ctx, facts
 
 
@@ -777,8 +776,8 @@ def prompt_on_plain_weights(path: str, model: llama_cpp.llama_model_p, held: lis
     an Intel Xeon (AVX-512) 1.1-1.7x slower, while generation gained. So the file is mapped a second time
     without repacking (no copy: both mappings share the page cache; it takes 0.1-0.3 s), the prompt is
     evaluated there, and its cache moves through a file into a new context of the repacked model (about 1.5 ms
-    per token on the EPYC). That file is written, not mapped, and the second model and context are freed before the new
-    context is made, so this process's own memory peaks no higher than with one model. Below
+    per token on the EPYC). That file is written, not mapped, and the second model and context are freed before
+    the new context is made, so this process's own memory peaks no higher than with one model. Below
     PLAIN_PROMPT_TOKENS those fixed costs, and the plain layout's slower small batches, outweigh the gain.
     """
     plain = load_model(path, gpu_layers=0, log_errors=[], repack=False)
