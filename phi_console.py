@@ -22,9 +22,9 @@ The file, in the order the work happens (the sections marked optional can be ski
   Command line     flags over constants, every value checked before anything slow; the prompt from stdin
   Download         the cache first, the hub only for what it lacks; every file checked against its hash
   Resumable        (optional) a stopped download goes on where it stopped; the token stays on the hub
-  Load             llama.cpp maps the weights; the model and tokenizer must agree
+  Load             llama.cpp maps the weights, repacked for this CPU where that pays; model and tokenizer must agree
   Prompt           Phi-3's chat format; evaluate(), the batches a prompt is fed in, with Ctrl-C and a bar;
-                   a long prompt evaluated on the file's own layout of the weights, generation on the repacked one
+                   where the weights are repacked, a long prompt is evaluated on the file's own layout of them
   Stream           the sampler, generate() (the token loop), complete(): one reply to one prompt
   Saved prompts    (optional) a rerun restores its evaluated prompt instead of evaluating it again
   Chat             (optional) a conversation kept in the KV cache; /save and /load
@@ -87,6 +87,7 @@ CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completi
 CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
 THREADS = None  # >= 1 CPU threads; None = the number of physical cores
 GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
+REPACK = None  # True = generate on a copy of the weights llama.cpp repacks for this CPU; None = only where that pays
 PROMPT_CACHE_GB = 2.0  # disk for saved prompt states, so that rerunning a prompt skips evaluating it; 0 = off
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # Hugging Face repo that holds the weights
 MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"  # the weights: Q4_K_M, about 2.4 GB
@@ -128,6 +129,9 @@ SETTINGS: dict[str, Setting] = {
                        "CPU threads; none = one per physical core"),
     "gpu_layers": Setting(int, True, lambda n: n >= -1, "an integer >= -1, or none",
                           "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
+    "repack": Setting(bool, True, lambda b: True, "True, False or none",
+                      "generate on a copy of the weights that llama.cpp repacks for this CPU at each load (faster "
+                      "on some CPUs, at about 1.3 GB of memory and a slower load); none = only on CPUs with AVX-512"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk (in the Hugging Face cache) for the evaluated prompts of recent runs, "
                                "so that a rerun of one starts at once; 0 = off"),
@@ -583,21 +587,35 @@ def route_llama_log(*, verbose: bool) -> tuple[list[str], list[str]]:
     return errors, buffers
 
 
-def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str],
-               repack: bool = True) -> llama_cpp.llama_model_p:
+def repack_weights(setting: bool | None) -> bool:
+    """Whether llama.cpp may copy weights into layouts made for this CPU (its extra buffer types): the setting, or
+    for None, whether that was measured to pay on CPUs like this one."""
+    features = llama_cpp.llama_print_system_info()
+    if b"AMX_INT8 = 1" in features:
+        # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M), and a default build has it.
+        # Without extra buffer types the weights never reach it. A build with -U__AMX_INT8__ in its C and C++
+        # flags lacks the kernel.
+        if setting:
+            fail("--repack: this llama.cpp build has the AMX kernel, which crashes on K-quant weights; "
+                 "build it without (README: Troubleshooting)", code=2)
+        return False
+    if setting is not None:
+        return setting
+    # Measured with llama-bench, in turns. An Intel Xeon (AVX-512) generated 7-34% faster on repacked Q4_K weights
+    # in 4 of 5 pairs. An AMD EPYC (AVX2 only) did not: 9.09 against 9.33 tok/s at depth 0, 7.14 against 7.04 at
+    # depth 500, while the copy cost its prompts 24% (17.6 against 23.2 tok/s), 1.3 GB of memory and 2 s a load.
+    # Elsewhere (ARM, say) nothing was measured, and llama.cpp's own choice stands.
+    return b"AVX512 = 1" in features or b"AVX2 = 1" not in features
+
+
+def load_model(path: str, *, gpu_layers: int | None, log_errors: list[str], repack: bool) -> llama_cpp.llama_model_p:
     """The model, its weights mapped from the file; with repack, llama.cpp's choice of layout for this CPU."""
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     if gpu_layers is None:
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
     params.n_gpu_layers = gpu_layers
-    if not repack:
-        params.use_extra_bufts = False  # every weight used in place, as the file has it
-    elif b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
-        # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M), and a default build has it.
-        # Without extra buffer types the weights never reach it; generation loses the repacked layout
-        # (slower). A build with -U__AMX_INT8__ in its C and C++ flags lacks the kernel.
-        params.use_extra_bufts = False
+    params.use_extra_bufts = repack  # False: every weight used in place, as the file has it
     # The weights are mapped (llama.cpp's default): a rerun starts from the page cache without copying 2.4 GB,
     # the tensors used in place are shared with that cache, and pages of tensors that were repacked into a
     # faster layout are never touched again, so the OS may drop them. Reading the file instead (load mode NONE)
@@ -635,12 +653,13 @@ def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_c
                  "the model and tokenizer files do not belong together")
 
 
-def identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]:
-    """What a saved KV state depends on: the model's exact bytes (the cache names the file by its hash), the build
-    and where the layers run."""
+def identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
+    """What a saved KV state depends on: the model's exact bytes (the cache names the file by its hash), the build,
+    where the layers run and in which layout."""
     blob = os.path.realpath(model_path)
     build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers}
+    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers,
+            "repack": repack}
 
 
 def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, batch: int,
@@ -771,14 +790,14 @@ def prompt_on_plain_weights(path: str, model: llama_cpp.llama_model_p, held: lis
     """Evaluate `held` on the weights as the file has them; a context of `model` that holds it, and how many of
     its tokens an earlier run's saved state gave (`found`, as saved_prompt finds it).
 
-    On a CPU, llama.cpp repacks some weights into a layout that suits generation (one token at a time) better
-    than prompts (hundreds at a time): on an AMD EPYC (AVX2) 512-token batches ran about 8-10% slower on it, on
-    an Intel Xeon (AVX-512) 1.1-1.7x slower, while generation gained. So the file is mapped a second time
-    without repacking (no copy: both mappings share the page cache; it takes 0.1-0.3 s), the prompt is
-    evaluated there, and its cache moves through a file into a new context of the repacked model (about 1.5 ms
-    per token on the EPYC). That file is written, not mapped, and the second model and context are freed before
-    the new context is made, so this process's own memory peaks no higher than with one model. Below
-    PLAIN_PROMPT_TOKENS those fixed costs, and the plain layout's slower small batches, outweigh the gain.
+    On a CPU, llama.cpp repacks some weights (with REPACK) into a layout that suits generation (one token at a time)
+    better than prompts (hundreds at a time): on an Intel Xeon (AVX-512) 512-token batches ran 1.1-1.7x slower on
+    it, while generation gained. So the file is mapped a second time without repacking (no copy: both mappings share
+    the page cache; it takes 0.1-0.3 s), the prompt is evaluated there, and its cache moves through a file into a
+    new context of the repacked model (about 1.5 ms per token on an AMD EPYC). That file is written, not mapped, and
+    the second model and context are freed before the new context is made, so this process's own memory peaks no
+    higher than with one model. Below PLAIN_PROMPT_TOKENS those fixed costs, and the plain layout's slower small
+    batches, outweigh the gain.
     """
     plain = load_model(path, gpu_layers=0, log_errors=[], repack=False)
     moving = folder / f"{os.getpid()}.moving"
@@ -1490,6 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
     prompt = None if settings.chat or settings.load else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
+    repack = repack_weights(settings.repack)  # before the download: --repack is refused on a build it would crash
     if quiet:
         disable_progress_bars()
     if not verbose:
@@ -1505,12 +1525,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()  # 3. load
     errors, buffers = route_llama_log(verbose=verbose)
-    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=errors)
+    model = load_model(model_path, gpu_layers=settings.gpu_layers, log_errors=errors, repack=repack)
     check_model(model, specials, n_ctx=settings.ctx)
     context = dict(threads=settings.threads or physical_cores(),
                    gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
     sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
-    model_identity = identity(model_path, gpu_layers=settings.gpu_layers)
+    model_identity = identity(model_path, gpu_layers=settings.gpu_layers, repack=repack)
     # Some weights repacked for this CPU: prompts are faster on the file's own layout (prompt_on_plain_weights)
     repacked = not context["gpu"] and any("CPU_REPACK" in line for line in buffers)
     if settings.chat or settings.load:  # 4-6. prompt, stream and report, once or for every message

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from local_hub import Hub  # noqa: E402
-from phi_console import PROMPT as DEFAULT_PROMPT  # noqa: E402
+from phi_console import PROMPT as DEFAULT_PROMPT, repack_weights  # noqa: E402
 from phi3_models import quantize_q4_k_m, tokenizer_json, write_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,6 +294,10 @@ def main() -> None:
     short = script_runs(evaluated("hello", GEN_TOKENS), env)
     prompt = script_runs(evaluated(long_prompt, 1), env)
     both = script_runs(evaluated(long_prompt, GEN_TOKENS), env)
+    # The other choice of layout, where this build allows it (a build with the AMX kernel never repacks).
+    other = None if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() else \
+        "--no-repack" if repack_weights(None) else "--repack"
+    both_other = script_runs(evaluated(long_prompt, GEN_TOKENS) + [other], env) if other else None
     log("phi_console.py: a prompt whose first 512 tokens an earlier run saved (the rest evaluated at depth 512)...")
     shared = " ".join(["hello world"] * 260)  # more than 512 tokens that both prompts start with
 
@@ -305,7 +309,8 @@ def main() -> None:
     log("phi_console.py: peak memory, in runs of their own...")
     short["peak"] = run_measured(evaluated("hello", GEN_TOKENS), env, memory=True)[2]
     both["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS), env, memory=True)[2]
-
+    if both_other:
+        both_other["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS) + [other], env, memory=True)[2]
 
     log("the llama-cpp-python snippet (library defaults) on the same 500-token prompt...")
     formatted = f"<|user|>\n{long_prompt}<|end|>\n<|assistant|>"
@@ -346,6 +351,10 @@ def main() -> None:
         ("generation after that prompt (tok/s)", f"{both['tg']:.2f}",
          f"llama-bench tg{GEN_TOKENS} @ d500: {deep['median_ts']:.2f} ({config(deep)})",
          f"{both['tg'] / deep['median_ts']:.3f}"),
+        *([(f"the same with {other}: prompt, then generation (tok/s)",
+            f"{both_other['pp']:.1f}, {both_other['tg']:.2f}", f"loaded in {both_other['load']:.2f} s (default: "
+            f"{both['load']:.2f} s); peak Private_Dirty {both_other['peak'] / 2**30:.2f} GiB",
+            f"{both_other['tg'] / deep['median_ts']:.3f}")] if both_other else []),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
         ("peak Private_Dirty (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB",

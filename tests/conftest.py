@@ -183,9 +183,12 @@ def crafted(model: str = "puck-goal.gguf", **settings: object) -> list[str]:
 
 
 def flags(**settings: object) -> list[str]:
-    """`--top-p 0.5` for top_p=0.5: each setting as its flag; one given as None is left out."""
-    return [x for name, value in settings.items() if value is not None
-            for x in (f"--{name.replace('_', '-')}", str(value))]
+    """`--top-p 0.5` for top_p=0.5, `--repack` / `--no-repack` for True / False: each setting as its flag; one
+    given as None is left out."""
+    switches = [f"--{'' if value else 'no-'}{name.replace('_', '-')}" for name, value in settings.items()
+                if isinstance(value, bool)]
+    return switches + [x for name, value in settings.items() if value is not None and not isinstance(value, bool)
+                       for x in (f"--{name.replace('_', '-')}", str(value))]
 
 
 @pytest.fixture(scope="session")

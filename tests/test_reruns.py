@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -19,6 +20,10 @@ from phi3_models import quantize_q4_k_m, write_gguf
 
 RANDOM = "phi-console-tests/random"
 LONG = " ".join(["hello world"] * 300)  # about 620 tokens with the chat format: more than one 512-token batch
+FEATURES = llama_cpp.llama_print_system_info()
+# The runs below ask for repacked weights, the path with the most parts (a long prompt is evaluated on the file's own
+# layout and moved into the repacked model), except on a build with the AMX kernel, which never repacks.
+REPACK = None if b"AMX_INT8 = 1" in FEATURES else True
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def home(hub, random_models, tmp_path_factory):
 
 
 def run(hub, home, prompt: str, *, model: str = "two-layers.gguf", **settings: object):
-    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
+    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, "repack": REPACK, **settings}
     return console("--model-repo", RANDOM, "--model-file", model, "--prompt", prompt, *flags(**chosen),
                    hub=hub, home=home)
 
@@ -83,8 +88,8 @@ def test_a_rerun_with_other_sampling_settings_restores_the_prompt_and_replies_as
 
 
 def test_a_reply_stopped_with_ctrl_c_still_leaves_its_prompt_for_the_rerun(hub, home):
-    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG, "--seed", "7",
-                    "--sample-len", "3000", hub=hub, home=home)
+    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG,
+                    *flags(seed=7, sample_len=3000, repack=REPACK), hub=hub, home=home)
     process.stdout.read(1)  # the reply has begun
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=60)
@@ -207,7 +212,7 @@ def test_a_prompt_cache_of_zero_saves_nothing(hub, home):
 # Where llama.cpp repacks weights for this CPU (it does on x86-64 with AVX2 for Q4_K tensors, as in these models),
 # a prompt is evaluated on a second mapping of the file without repacking and moved into the repacked model.
 def verbose(hub, home, prompt: str, **settings: object):
-    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
+    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, "repack": REPACK, **settings}
     result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", prompt, "--verbose",
                      *flags(**chosen), hub=hub, home=home)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -253,8 +258,8 @@ def test_a_short_prompt_is_evaluated_on_the_repacked_weights_directly(hub, home)
 def test_a_full_disk_does_not_change_the_reply(hub, home):
     # The prompt's state cannot be written to a file: it moves in memory instead, and the numbers are the same.
     result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG,
-                     *flags(temperature=1.0, seed=7, sample_len=12, prompt_cache_gb=0), hub=hub, home=home,
-                     max_file_size=4096)
+                     *flags(temperature=1.0, seed=7, sample_len=12, repack=REPACK, prompt_cache_gb=0),
+                     hub=hub, home=home, max_file_size=4096)
     assert result.returncode == 0, result.stderr
     assert result.stdout == fresh(hub, home, LONG)
     assert moving_files(home) == []
@@ -265,3 +270,45 @@ def test_a_model_that_llama_cpp_does_not_repack_is_loaded_once(hub, slow_model, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CPU_REPACK model buffer size" not in result.stderr  # F16 weights keep their layout
     assert mappings(result) == 1 and "evaluated on the weights as the file has them" not in result.stderr
+
+
+def repacked(result) -> bool:
+    return "CPU_REPACK model buffer size" in result.stderr
+
+
+def test_by_default_weights_are_repacked_only_on_cpus_where_that_was_measured_to_pay(hub, home):
+    # Measured: an Intel Xeon with AVX-512 generates faster on repacked weights; an AMD EPYC with AVX2 alone does not,
+    # and the copy slows its prompts and loads. Other CPUs keep llama.cpp's own choice.
+    if b"AVX2 = 1" not in FEATURES:
+        pytest.skip("not an x86-64 CPU with AVX2: llama.cpp's own choice stands")
+    result = verbose(hub, home, LONG, repack=None, prompt_cache_gb=0)
+    if b"AMX_INT8 = 1" in FEATURES or b"AVX512 = 1" not in FEATURES:
+        assert not repacked(result) and mappings(result) == 1
+        assert "evaluated on the weights as the file has them" not in result.stderr
+    else:
+        assert repacked(result) and mappings(result) == 2
+
+
+def test_without_repacking_a_rerun_restores_the_prompt_and_replies_the_same(hub, home):
+    first = verbose(hub, home, LONG, repack=False)
+    again = verbose(hub, home, LONG, repack=False, temperature=0.7, seed=3)
+    assert not repacked(first) and mappings(first) == 1 and restored(first) == 0
+    assert restored(again) == prompt_tokens(again) - 1
+    assert first.stdout == fresh(hub, home, LONG, repack=False)
+    assert again.stdout == fresh(hub, home, LONG, repack=False, temperature=0.7, seed=3)
+
+
+def test_a_prompt_saved_by_a_run_on_one_layout_is_not_restored_by_a_run_on_the_other(hub, home):
+    if REPACK is None:
+        pytest.skip("this build never repacks")
+    run(hub, home, LONG, repack=False)
+    other = run(hub, home, LONG, repack=True)
+    assert restored(other) == 0 and other.stdout == fresh(hub, home, LONG, repack=True)
+
+
+def test_repack_is_refused_on_a_build_whose_amx_kernel_would_crash(hub, home):
+    if b"AMX_INT8 = 1" not in FEATURES:
+        pytest.skip("this build has no AMX kernel")
+    result = run(hub, home, "hello", repack=True)
+    assert result.returncode == 2 and b"" == result.stdout
+    assert "--repack" in result.stderr and "AMX" in result.stderr and "Traceback" not in result.stderr

@@ -24,7 +24,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     assert result.returncode == 0
     for flag in ("--prompt", "--temperature", "--top-p", "--repeat-penalty", "--repeat-last-n", "--sample-len",
                  "--seed", "--threads", "--gpu-layers", "--ctx", "--model-repo", "--model-file", "--model-revision",
-                 "--tokenizer-revision", "--system",
+                 "--tokenizer-revision", "--system", "--repack", "--no-repack",
                  "--tokenizer-repo", "--quiet", "--verbose"):
         assert flag in result.text
     shown = " ".join(result.text.split())  # as read, whatever the width the help was wrapped to
@@ -58,7 +58,8 @@ def test_an_edited_seed_and_top_p_reproduce_the_flags(hub, warm_home, tmp_path):
 
 
 @pytest.mark.parametrize("name,value", [("TEMPERATURE", '"hot"'), ("SAMPLE_LEN", "12.5"), ("TOP_P", "2"),
-                                        ("SEED", "True"), ("CTX", "-5"), ("PROMPT", '""')])
+                                        ("SEED", "True"), ("CTX", "-5"), ("PROMPT", '""'),
+                                        ("REPACK", '"yes"'), ("REPACK", "1")])
 def test_a_bad_value_typed_into_a_constant_is_refused(tmp_path, name, value):
     result = console(script=edited_copy(tmp_path, **{name: value}), hub=None, home=tmp_path)
     assert result.returncode == 2
