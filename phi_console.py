@@ -131,7 +131,8 @@ SETTINGS: dict[str, Setting] = {
                           "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
     "repack": Setting(bool, True, lambda b: True, "True, False or none",
                       "generate on a copy of the weights that llama.cpp repacks for this CPU at each load (faster "
-                      "on some CPUs, at about 1.3 GB of memory and a slower load); none = only on CPUs with AVX-512"),
+                      "on some CPUs, at about 1.3 GB of memory and a slower load); none (the default) = only on "
+                      "CPUs with AVX-512"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk (in the Hugging Face cache) for the evaluated prompts of recent runs, "
                                "so that a rerun of one starts at once; 0 = off"),
