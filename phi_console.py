@@ -131,7 +131,7 @@ SETTINGS: dict[str, Setting] = {
                           "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
     "repack": Setting(bool, True, lambda b: True, "True, False or none",
                       "generate on a copy of the weights that llama.cpp repacks for this CPU at each load (faster "
-                      "on some CPUs, at about 1.3 GB of memory and a slower load); none (the default) = only on "
+                      "on some CPUs, at about 1.5 GB of memory and a slower load); none (the default) = only on "
                       "CPUs with AVX-512"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk (in the Hugging Face cache) for the evaluated prompts of recent runs, "
@@ -604,7 +604,8 @@ def repack_weights(setting: bool | None) -> bool:
         return setting
     # Measured with llama-bench, in turns. An Intel Xeon (AVX-512) generated 7-34% faster on repacked Q4_K weights
     # in 4 of 5 pairs. An AMD EPYC (AVX2 only) did not: 9.09 against 9.33 tok/s at depth 0, 7.14 against 7.04 at
-    # depth 500, while the copy cost its prompts 24% (17.6 against 23.2 tok/s), 1.3 GB of memory and 2 s a load.
+    # depth 500, while the copy cost its prompts 24% (17.6 against 23.2 tok/s), 1.45 GiB of memory and 1.7-3.4 s
+    # a load (the script: 0.41 against 1.87 GiB peak Private_Dirty, loaded in 0.25 against 1.99 s).
     # Elsewhere (ARM, say) nothing was measured, and llama.cpp's own choice stands.
     return b"AVX512 = 1" in features or b"AVX2 = 1" not in features
 
