@@ -689,8 +689,10 @@ def context_facts(n_ctx: int, *, threads: int, batch: int, gpu: bool) -> dict[st
     """
     # On the CPU, flash attention is off at every depth: measured on an AMD EPYC and an Intel Xeon, it slows
     # generation by 22-41% once 256 or more tokens are in the context, and what it gains in a shorter one is
-    # within noise (-6% to +4%); switching it by depth would also make a longer --sample-len change the reply.
-    # On a GPU, llama.cpp's own choice stands.
+    # a few percent (-6% to +8%); switching it by size would make a longer --sample-len change the reply.
+    # Evaluating long prompts with it on, then moving the state into a context with it off (V transposed into
+    # that layout), was measured on the AMD EPYC: the move cost what the prompt gained (1008 tokens: the first
+    # token after 47.2 against 47.5 s). On a GPU, llama.cpp's own choice stands.
     flash_attn = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     return {"n_ctx": -(-n_ctx // 256) * 256, "batch": batch, "threads": threads, "flash_attn": flash_attn}
 
