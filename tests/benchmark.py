@@ -2,7 +2,9 @@
 
     python tests/benchmark.py
 
-Everything is measured in one run on this machine, with the same number of threads, as medians:
+Everything is measured in one run on this machine, with the same number of threads, in RUNS rounds: each round
+runs every llama-bench configuration once and each of the script's runs once, so that the machine's drift hits
+both alike; a ratio is the median of the rounds' ratios, a figure the median of its rounds:
 
 - the model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with random weights,
   quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
@@ -31,6 +33,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -113,17 +116,38 @@ def bytes_per_token(model: Path) -> int:
 
 
 def run_llama_bench(exe: Path, model: Path, *args: str) -> list[dict]:
-    result = subprocess.run([str(exe), "-m", str(model), "-t", str(THREADS), "-r", str(RUNS), "-o", "json", *args],
+    """Each configuration that args name, once."""
+    result = subprocess.run([str(exe), "-m", str(model), "-t", str(THREADS), "-r", "1", "-o", "json", *args],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({result.returncode}): {result.stderr[-2000:]}")
     return json.loads(result.stdout)
 
 
-def best(results: list[dict]) -> dict:
-    for r in results:
-        r["median_ts"] = statistics.median(r["samples_ts"])
-    return max(results, key=lambda r: r["median_ts"])
+def best(rounds: list[list[dict]], depth: int = 0) -> tuple[dict, list[float]]:
+    """The configuration (at that depth) whose median over the rounds is highest, and its speed in each round."""
+    speeds: dict[tuple[int, object], list[float]] = {}
+    for results in rounds:
+        for r in results:
+            if r["n_depth"] == depth:
+                speeds.setdefault((int(r["repack"]), r["flash_attn"]), []).append(r["avg_ts"])
+    (repack, flash_attn), chosen = max(speeds.items(), key=lambda item: statistics.median(item[1]))
+    return {"repack": repack, "flash_attn": flash_attn, "median_ts": statistics.median(chosen)}, chosen
+
+
+def ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median of the rounds' ratios: the two figures of a round were measured minutes apart, not an hour."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
+
+
+def in_rounds(steps: dict[str, Callable[[], Any]]) -> dict[str, list]:
+    """What each step returns, in each of RUNS rounds; every round runs every step once, in turns."""
+    results: dict[str, list] = {name: [] for name in steps}
+    for round_ in range(RUNS):
+        log(f"  round {round_ + 1} of {RUNS}: {', '.join(steps)}")
+        for name, step in steps.items():
+            results[name].append(step())
+    return results
 
 
 def private_dirty(pid: int) -> int:
@@ -172,26 +196,24 @@ print(json.dumps({"first": stamps[0] - started, "rate": (tokens - 1) / (stamps[-
 """
 
 
-def script_runs(command: list[str], env: dict[str, str], before=None) -> dict[str, float]:
-    """Run phi_console.py RUNS times; medians of its own report (load, prompt and generation speed).
-    before(), if given, runs untimed before each run."""
-    runs = []
-    for _ in range(RUNS):
-        if before:
-            before()
-        _, err, _ = run_measured(command, env)
-        report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, (?:([\d.]+) tok/s|(\d+) restored from an "
-                           r"earlier run in ([\d.]+) s) \| generated: (\d+) tokens, ([\d.]+|n/a)", err)
-        if not report:
-            raise RuntimeError(f"no report in: {err[-500:]}")
-        load, n_prompt, pp, n_restored, seconds, n_gen, tg = (float(x) if x not in (None, "n/a") else 0.0
-                                                              for x in report.groups())
-        if n_restored:  # the speed of what was evaluated after the restored start, restoring included
-            pp = (n_prompt - n_restored) / seconds
-        # With --verbose, llama.cpp prints its own decode time per token: ours minus it is Python + sampling.
-        decode = re.search(r" eval time = +[\d.]+ ms / +\d+ runs +\( *([\d.]+) ms per token", err)
-        overhead = 1000 / tg - float(decode.group(1)) if decode and tg else float("nan")
-        runs.append(dict(load=load, n_prompt=n_prompt, pp=pp, n_gen=n_gen, tg=tg, overhead=overhead))
+def script_run(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run phi_console.py once; its own report (load, prompt and generation speed)."""
+    _, err, _ = run_measured(command, env)
+    report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, (?:([\d.]+) tok/s|(\d+) restored from an "
+                       r"earlier run in ([\d.]+) s) \| generated: (\d+) tokens, ([\d.]+|n/a)", err)
+    if not report:
+        raise RuntimeError(f"no report in: {err[-500:]}")
+    load, n_prompt, pp, n_restored, seconds, n_gen, tg = (float(x) if x not in (None, "n/a") else 0.0
+                                                          for x in report.groups())
+    if n_restored:  # the speed of what was evaluated after the restored start, restoring included
+        pp = (n_prompt - n_restored) / seconds
+    # With --verbose, llama.cpp prints its own decode time per token: ours minus it is Python + sampling.
+    decode = re.search(r" eval time = +[\d.]+ ms / +\d+ runs +\( *([\d.]+) ms per token", err)
+    overhead = 1000 / tg - float(decode.group(1)) if decode and tg else float("nan")
+    return dict(load=load, n_prompt=n_prompt, pp=pp, n_gen=n_gen, tg=tg, overhead=overhead)
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
@@ -281,31 +303,41 @@ def main() -> None:
     stopped = ctrl_c_latency(evaluated(" ".join(["hello world"] * 1000), 1), env)
     log("measuring bandwidth...")
     bandwidth = read_bandwidth()
-    log("llama-bench: generation, every configuration...")
-    tg = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", "0,1", "-fa", "0,1"))
-    log("llama-bench: prompt evaluation at depth 0 and 512, every configuration...")
-    pps = run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "-d", "0,512", "--repack", "0,1",
-                          "-fa", "0,1")
-    pp, pp_deep = (best([r for r in pps if r["n_depth"] == depth]) for depth in (0, 512))
-    log("llama-bench: generation after a 500-token prompt, every configuration...")
-    deep = best(run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500", "--repack", "0,1",
-                                "-fa", "0,1"))
-    log("phi_console.py: generation, prompt evaluation, and both together...")
-    short = script_runs(evaluated("hello", GEN_TOKENS), env)
-    prompt = script_runs(evaluated(long_prompt, 1), env)
-    both = script_runs(evaluated(long_prompt, GEN_TOKENS), env)
+    shared = " ".join(["hello world"] * 260)  # more than 512 tokens that both prompts start with
+
+    def at_depth_512() -> dict[str, float]:
+        """A prompt whose first 512 tokens an earlier run saved: the rest is evaluated at depth 512."""
+        shutil.rmtree(saved_prompts, ignore_errors=True)
+        run_measured(script(shared + " quick brown fox", 1), env)
+        return script_run(script(" ".join(["hello world"] * 500), 1), env)
+
     # The other choice of layout, where this build allows it (a build with the AMX kernel never repacks).
     other = None if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() else \
         "--no-repack" if repack_weights(None) else "--repack"
-    both_other = script_runs(evaluated(long_prompt, GEN_TOKENS) + [other], env) if other else None
-    log("phi_console.py: a prompt whose first 512 tokens an earlier run saved (the rest evaluated at depth 512)...")
-    shared = " ".join(["hello world"] * 260)  # more than 512 tokens that both prompts start with
+    log("llama-bench (every configuration of --repack and -fa) and phi_console.py, in turns: generation, prompt "
+        "evaluation at depth 0 and 512, and generation after a 500-token prompt...")
+    steps: dict[str, Callable[[], Any]] = {
+        "tg": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", "0,1", "-fa", "0,1"),
+        "short": lambda: script_run(evaluated("hello", GEN_TOKENS), env),
+        "pp": lambda: run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "-d", "0,512",
+                                      "--repack", "0,1", "-fa", "0,1"),
+        "prompt": lambda: script_run(evaluated(long_prompt, 1), env),
+        "at_depth": at_depth_512,
+        "deep": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500",
+                                        "--repack", "0,1", "-fa", "0,1"),
+        "both": lambda: script_run(evaluated(long_prompt, GEN_TOKENS), env),
+    }
+    if other:
+        steps["both_other"] = lambda: script_run(evaluated(long_prompt, GEN_TOKENS) + [other], env)
+    measured = in_rounds(steps)
+    (tg, tg_speeds), (pp, pp_speeds), (pp_deep, pp_deep_speeds), (deep, deep_speeds) = (
+        best(measured["tg"]), best(measured["pp"]), best(measured["pp"], depth=512), best(measured["deep"], depth=500))
+    short, prompt, at_depth, both = (medians(measured[name]) for name in ("short", "prompt", "at_depth", "both"))
+    both_other = medians(measured["both_other"]) if other else None
 
-    def save_the_shared_start() -> None:
-        shutil.rmtree(saved_prompts, ignore_errors=True)
-        run_measured(script(shared + " quick brown fox", 1), env)
+    def rounds_of(name: str, key: str) -> list[float]:
+        return [run[key] for run in measured[name]]
 
-    at_depth = script_runs(script(" ".join(["hello world"] * 500), 1), env, before=save_the_shared_start)
     log("phi_console.py: peak memory, in runs of their own...")
     short["peak"] = run_measured(evaluated("hello", GEN_TOKENS), env, memory=True)[2]
     both["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS), env, memory=True)[2]
@@ -340,21 +372,22 @@ def main() -> None:
 
     rows = [
         (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", f"{short['tg']:.2f}",
-         f"llama-bench tg{GEN_TOKENS}: {tg['median_ts']:.2f} ({config(tg)})", f"{short['tg'] / tg['median_ts']:.3f}"),
+         f"llama-bench tg{GEN_TOKENS}: {tg['median_ts']:.2f} ({config(tg)})",
+         f"{ratio(rounds_of('short', 'tg'), tg_speeds):.3f}"),
         (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", f"{prompt['pp']:.1f}",
          f"llama-bench pp{PROMPT_TOKENS}: {pp['median_ts']:.1f} ({config(pp)})",
-         f"{prompt['pp'] / pp['median_ts']:.3f}"),
+         f"{ratio(rounds_of('prompt', 'pp'), pp_speeds):.3f}"),
         (f"prompt evaluation, {int(at_depth['n_prompt']) - 512} tokens after 512 restored (tok/s)",
          f"{at_depth['pp']:.1f}",
          f"llama-bench pp{PROMPT_TOKENS} @ d512: {pp_deep['median_ts']:.1f} ({config(pp_deep)})",
-         f"{at_depth['pp'] / pp_deep['median_ts']:.3f}"),
+         f"{ratio(rounds_of('at_depth', 'pp'), pp_deep_speeds):.3f}"),
         ("generation after that prompt (tok/s)", f"{both['tg']:.2f}",
          f"llama-bench tg{GEN_TOKENS} @ d500: {deep['median_ts']:.2f} ({config(deep)})",
-         f"{both['tg'] / deep['median_ts']:.3f}"),
+         f"{ratio(rounds_of('both', 'tg'), deep_speeds):.3f}"),
         *([(f"the same with {other}: prompt, then generation (tok/s)",
             f"{both_other['pp']:.1f}, {both_other['tg']:.2f}", f"loaded in {both_other['load']:.2f} s (default: "
             f"{both['load']:.2f} s); peak Private_Dirty {both_other['peak'] / 2**30:.2f} GiB",
-            f"{both_other['tg'] / deep['median_ts']:.3f}")] if both_other else []),
+            f"{ratio(rounds_of('both_other', 'tg'), deep_speeds):.3f}")] if both_other else []),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
         ("peak Private_Dirty (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB",
@@ -385,7 +418,8 @@ def main() -> None:
     print(f"phi-console benchmark, {time.strftime('%Y-%m-%d')}: {cpu}, {THREADS} threads, "
           f"{os.cpu_count()} logical CPUs, llama-cpp-python {importlib.metadata.version('llama-cpp-python')}")
     print(f"llama.cpp features: {system.strip()}")
-    print(f"model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape, random weights; medians of {RUNS} runs\n")
+    print(f"model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape, random weights; {RUNS} rounds in turns: "
+          "figures are medians, ratios the median of the rounds' ratios\n")
     print("| measure | phi_console.py | reference | ratio |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
