@@ -219,6 +219,10 @@ def verbose(hub, home, prompt: str, **settings: object):
     return result
 
 
+def repacked(result) -> bool:
+    return "CPU_REPACK model buffer size" in result.stderr
+
+
 def mappings(result) -> int:
     """How many times the run loaded the model file (llama.cpp logs one mapped buffer per load)."""
     return len(re.findall(r"CPU_Mapped model buffer size", result.stderr))
@@ -231,8 +235,8 @@ def moving_files(home) -> list:
 def test_a_prompt_is_evaluated_on_the_files_own_layout_and_the_reply_generated_on_the_repacked_one(hub, home):
     result = verbose(hub, home, LONG, prompt_cache_gb=0)
     if b"AVX2 = 1" in FEATURES and REPACK:  # --repack: llama.cpp repacks Q4_K on any x86-64 CPU with AVX2
-        assert "CPU_REPACK model buffer size" in result.stderr
-    elif "CPU_REPACK model buffer size" not in result.stderr:
+        assert repacked(result)
+    elif not repacked(result):
         pytest.skip("llama.cpp repacks nothing here: one layout serves both")
     assert mappings(result) == 2
     assert "prompt: evaluated on the weights as the file has them; generating on the repacked ones" in result.stderr
@@ -246,7 +250,7 @@ def test_a_prompt_restored_whole_maps_the_file_only_once(hub, home):
     assert restored(again) == prompt_tokens(again) - 1
     assert mappings(again) == 1 and "evaluated on the weights as the file has them" not in again.stderr
     assert again.stdout == first.stdout
-    if "CPU_REPACK model buffer size" in first.stderr:
+    if repacked(first):
         assert mappings(first) == 2
 
 
@@ -270,12 +274,9 @@ def test_a_full_disk_does_not_change_the_reply(hub, home):
 def test_a_model_that_llama_cpp_does_not_repack_is_loaded_once(hub, slow_model, slow_home):
     result = console(*slow_model, "--prompt", "hello", "--sample-len", "1", "--verbose", hub=hub, home=slow_home)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "CPU_REPACK model buffer size" not in result.stderr  # F16 weights keep their layout
+    assert not repacked(result)  # F16 weights keep their layout
     assert mappings(result) == 1 and "evaluated on the weights as the file has them" not in result.stderr
 
-
-def repacked(result) -> bool:
-    return "CPU_REPACK model buffer size" in result.stderr
 
 
 def test_by_default_weights_are_repacked_only_on_cpus_where_that_was_measured_to_pay(hub, home):
