@@ -14,8 +14,10 @@ both alike; a ratio is the median of the rounds' ratios, a figure the median of 
 - phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
   once into the benchmark's HF_HOME, and every measured run starts from that cache.
 
-The first run spends a few minutes writing and quantizing the model and building llama.cpp's tools; both are
-kept in ~/.cache/phi-console-bench (or $PHI_BENCH_CACHE) for later runs.
+The results go to tests/BENCHMARKS.md: one section per machine (its CPU, thread count and instruction set),
+replaced by that machine's next run; other machines' sections are kept as they are. The first run spends about
+15 minutes writing and quantizing the model and building llama.cpp's tools; both are kept in
+~/.cache/phi-console-bench (or $PHI_BENCH_CACHE) for later runs, which take about an hour.
 """
 from __future__ import annotations
 
@@ -50,6 +52,25 @@ MODEL_REPO, MODEL_FILE = "bench/phi3-mini-random", "phi3-mini-random-Q4_K_M.gguf
 TOKENIZER_REPO = "bench/phi3-tokenizer"
 THREADS = len(os.sched_getaffinity(0))  # one per core here (no SMT); the script's own default
 GEN_TOKENS, PROMPT_TOKENS, RUNS = 128, 512, 3
+RESULTS = Path(__file__).resolve().parent / "BENCHMARKS.md"
+HEADER = """# Benchmarks
+
+Written by `tests/benchmark.py`; do not edit. Each machine has its own section, which its next run of the
+benchmark replaces; the sections of other machines are kept as they are.
+
+How the figures are taken. The model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with
+random weights, quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token.
+`phi_console.py` runs through its real download and cache path (the tests' local hub serves the model once),
+with 2 threads, temperature 0, and `--verbose` so that llama.cpp's own timings are in its log. The yardsticks are
+built from the same llama.cpp source and default build flags as the installed llama-cpp-python: `llama-bench`
+(every configuration of `--repack` and `-fa`; the best one counts) and `llama-completion`. Everything runs in
+rounds: each round runs every llama-bench configuration once and each of the script's runs once, in turns, so
+that the machine's drift hits both alike. A figure is the median of its rounds, with the lowest and highest
+round in brackets; a ratio is the median of the rounds' ratios. Memory is the process's own (Private_Dirty in
+`/proc/PID/smaps_rollup`, sampled every 0.1 s in runs of their own), not RSS, which also counts the mapped
+file's page cache. The script's prompt figures count everything from the loaded model to the first token
+(making the context, restoring a saved prompt); llama-bench's count only its batches, after an untimed warm-up.
+"""
 BUILD_FLAGS: list[str] = []  # none, as requirements.txt: llama.cpp's default build
 
 
@@ -360,7 +381,6 @@ def main() -> None:
     size = model.stat().st_size
     per_token = bytes_per_token(model)
     ceiling = bandwidth / per_token
-    overhead_ms = short["overhead"]
     first_token = prompt["load"] + prompt["n_prompt"] / prompt["pp"]
     both_first = both["n_prompt"] / both["pp"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -370,23 +390,31 @@ def main() -> None:
     def config(r: dict) -> str:
         return f"repack {int(r['repack'])}, fa {r['flash_attn']}"
 
+    def spread(name: str, key: str, digits: int) -> str:
+        """The median of a figure over the rounds, and its lowest and highest round."""
+        values = rounds_of(name, key)
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    def theirs(label: str, chosen: dict, speeds: list[float], digits: int) -> str:
+        return (f"{label}: {chosen['median_ts']:.{digits}f} ({min(speeds):.{digits}f}-{max(speeds):.{digits}f}), "
+                f"{config(chosen)}")
+
     rows = [
-        (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", f"{short['tg']:.2f}",
-         f"llama-bench tg{GEN_TOKENS}: {tg['median_ts']:.2f} ({config(tg)})",
-         f"{ratio(rounds_of('short', 'tg'), tg_speeds):.3f}"),
-        (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", f"{prompt['pp']:.1f}",
-         f"llama-bench pp{PROMPT_TOKENS}: {pp['median_ts']:.1f} ({config(pp)})",
+        (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", spread("short", "tg", 2),
+         theirs(f"llama-bench tg{GEN_TOKENS}", tg, tg_speeds, 2), f"{ratio(rounds_of('short', 'tg'), tg_speeds):.3f}"),
+        (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", spread("prompt", "pp", 1),
+         theirs(f"llama-bench pp{PROMPT_TOKENS}", pp, pp_speeds, 1),
          f"{ratio(rounds_of('prompt', 'pp'), pp_speeds):.3f}"),
         (f"prompt evaluation, {int(at_depth['n_prompt']) - 512} tokens after 512 restored (tok/s)",
-         f"{at_depth['pp']:.1f}",
-         f"llama-bench pp{PROMPT_TOKENS} @ d512: {pp_deep['median_ts']:.1f} ({config(pp_deep)})",
+         spread("at_depth", "pp", 1), theirs(f"llama-bench pp{PROMPT_TOKENS} @ d512", pp_deep, pp_deep_speeds, 1),
          f"{ratio(rounds_of('at_depth', 'pp'), pp_deep_speeds):.3f}"),
-        ("generation after that prompt (tok/s)", f"{both['tg']:.2f}",
-         f"llama-bench tg{GEN_TOKENS} @ d500: {deep['median_ts']:.2f} ({config(deep)})",
+        ("generation after that prompt (tok/s)", spread("both", "tg", 2),
+         theirs(f"llama-bench tg{GEN_TOKENS} @ d500", deep, deep_speeds, 2),
          f"{ratio(rounds_of('both', 'tg'), deep_speeds):.3f}"),
         *([(f"the same with {other}: prompt, then generation (tok/s)",
-            f"{both_other['pp']:.1f}, {both_other['tg']:.2f}", f"loaded in {both_other['load']:.2f} s (default: "
-            f"{both['load']:.2f} s); peak Private_Dirty {both_other['peak'] / 2**30:.2f} GiB",
+            f"{spread('both_other', 'pp', 1)}, {spread('both_other', 'tg', 2)}",
+            f"loaded in {both_other['load']:.2f} s (default: {both['load']:.2f} s); "
+            f"peak Private_Dirty {both_other['peak'] / 2**30:.2f} GiB",
             f"{ratio(rounds_of('both_other', 'tg'), deep_speeds):.3f}")] if both_other else []),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
@@ -400,7 +428,7 @@ def main() -> None:
         ("vs the snippet: prompt evaluation to first token (s)", f"{both_first:.2f}",
          f"snippet: {snippet_first:.2f}" if snippet_first else "",
          f"{snippet_first / both_first:.2f}x" if snippet_first else ""),
-        ("Python and sampling time per generated token (ms)", f"{overhead_ms:.2f}",
+        ("Python and sampling time per generated token (ms)", f"{short['overhead']:.2f}",
          "wall time per token - llama.cpp's own decode time, same run", ""),
         ("share of the bandwidth ceiling, generation", f"{short['tg']:.2f}",
          f"{ceiling:.2f} tok/s = {bandwidth / 1e9:.1f} GB/s / {per_token / 1e9:.2f} GB per token",
@@ -415,16 +443,45 @@ def main() -> None:
          f"the first run: {rerun['first']:.2f}", f"{rerun['rerun'] / rerun['first']:.2f}"),
         ("Ctrl-C 1 s into a 2000-token prompt, until exit (s)", f"{stopped:.2f}", "", ""),
     ]
-    print(f"phi-console benchmark, {time.strftime('%Y-%m-%d')}: {cpu}, {THREADS} threads, "
-          f"{os.cpu_count()} logical CPUs, llama-cpp-python {importlib.metadata.version('llama-cpp-python')}")
-    print(f"llama.cpp features: {system.strip()}")
-    print(f"model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape, random weights; {RUNS} rounds in turns: "
-          "figures are medians, ratios the median of the rounds' ratios\n")
-    print("| measure | phi_console.py | reference | ratio |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"\nsnippet runs: {snippets}")
+    measures = [("tg", 0, f"tg{GEN_TOKENS}"), ("pp", 0, f"pp{PROMPT_TOKENS}"), ("pp", 512, f"pp{PROMPT_TOKENS} @ d512"),
+                ("deep", 500, f"tg{GEN_TOKENS} @ d500")]
+    configs = sorted({(int(r["repack"]), r["flash_attn"]) for r in measured["tg"][0]})
 
+    def by_config(name: str, depth: int, repack: int, flash_attn: object) -> str:
+        speeds = [r["avg_ts"] for results in measured[name] for r in results
+                  if r["n_depth"] == depth and int(r["repack"]) == repack and r["flash_attn"] == flash_attn]
+        return f"{statistics.median(speeds):.2f} ({min(speeds):.2f}-{max(speeds):.2f})"
+
+    isa = "AVX-512" if "AVX512 = 1" in system else "AVX2, no AVX-512" if "AVX2 = 1" in system else "no AVX2"
+    heading = f"{cpu}, {THREADS} threads ({isa})"
+    layout = "repacked" if repack_weights(None) else "unrepacked"
+    lines = [f"{time.strftime('%Y-%m-%d')}: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, "
+             f"huggingface_hub {importlib.metadata.version('huggingface_hub')}, Python {platform.python_version()}, "
+             f"{os.cpu_count()} logical CPUs; by default this CPU gets {layout} weights (`REPACK`). "
+             f"Model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape, random weights; {RUNS} rounds.",
+             "", f"llama.cpp features: `{system.strip()}`", "",
+             "| measure | phi_console.py | reference | ratio |", "|---|---|---|---|",
+             *("| " + " | ".join(row) + " |" for row in rows), "",
+             "llama-bench, every configuration (tok/s; median, and the lowest and highest round):", "",
+             "| measure | " + " | ".join(f"repack {r}, fa {f}" for r, f in configs) + " |",
+             "|---|" + "---|" * len(configs),
+             *(f"| {label} | " + " | ".join(by_config(name, depth, r, f) for r, f in configs) + " |"
+               for name, depth, label in measures),
+             "", f"Snippet runs: `{snippets}`", ""]
+    section = "\n".join(lines)
+    print(f"## {heading}\n\n{section}")
+    write_results(heading, section)
+
+
+def write_results(heading: str, section: str) -> None:
+    """Put this machine's section into BENCHMARKS.md, in place of its last one; other machines' stay as they are."""
+    sections: dict[str, str] = {}
+    if RESULTS.exists():
+        for part in RESULTS.read_text().split("\n## ")[1:]:
+            title, _, body = part.partition("\n")
+            sections[title] = body.strip("\n")
+    sections[heading] = section.strip("\n")
+    RESULTS.write_text(HEADER + "".join(f"\n## {title}\n\n{body}\n" for title, body in sections.items()))
 
 if __name__ == "__main__":
     main()
