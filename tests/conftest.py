@@ -23,11 +23,14 @@ Everything the local hub serves (all models are crafted: every layer zero, so th
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +49,8 @@ MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # the script's defaults, s
 MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"
 TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"
 CRAFTED = "phi-console-tests/crafted"  # every crafted model, by file name
+RANDOM = "phi-console-tests/random"  # Q4_K_M models with random weights: every reply depends on every number cached
+PATIENCE = 600  # seconds a test waits for a run before giving up: room for a machine several times slower than ours
 PUCK, GOAL = token_id("▁puck"), token_id("▁goal")
 END, PLACEHOLDER = SPECIAL_TOKENS["<|end|>"], SPECIAL_TOKENS["<|placeholder1|>"]
 
@@ -55,6 +60,11 @@ CRAFTED_LOGITS = {
     "placeholder.gguf": {PLACEHOLDER: 10.0},  # a special token that must never be printed
     "emoji.gguf": {byte_token(0xF0): 10.0, byte_token(0x9F): 9.0, byte_token(0x98): 8.0, byte_token(0x80): 7.0},
 }
+
+# Ids a tokenizer.json can give <|end|> that are no token of the model: each must be one error line, never a crash
+HOSTILE_IDS = {"negative": -5, "a float": 1e3, "a boolean": True, "text": "5", "past the vocabulary": 32064}
+
+NESTED_JSON = b"[" * 100_000 + b"]" * 100_000  # valid JSON, nested deeper than a recursive parser goes
 
 # The two baselines most tests compare against, both greedy (temperature 0) on puck-goal.gguf, 3 tokens:
 PENALISED = b"puck goal puck\n"  # the script's default penalty 1.2 > 10/9: once said, "puck" loses to "goal"
@@ -96,10 +106,26 @@ def hub(models: dict[str, bytes]) -> Hub:
     hub.add("phi-console-tests/broken-tokenizer", {"tokenizer.json": b"{ not json"})
     hub.add("phi-console-tests/plain-tokenizer", {"tokenizer.json": tokenizer_json({"<unk>": 0, "<s>": 1, "</s>": 2})})
     hub.add("phi-console-tests/huge-tokenizer", {"tokenizer.json": b"{" + b" " * (65 * 2**20) + b"}"})
+    hub.add("phi-console-tests/nested-tokenizer", {"tokenizer.json": NESTED_JSON})
+    for case, value in HOSTILE_IDS.items():
+        hub.add(hostile_tokenizer(case), {"tokenizer.json": tokenizer_with_end_id(value)})
     hub.add("phi-console-tests/gated", {MODEL_FILE: models["puck-goal.gguf"]}, gated=True)
     hub.start()
     yield hub
     hub.stop()
+
+
+def hostile_tokenizer(case: str) -> str:
+    """The repo whose tokenizer.json gives <|end|> the id HOSTILE_IDS[case]."""
+    return "phi-console-tests/end-id-" + case.replace(" ", "-")
+
+
+def tokenizer_with_end_id(value: object) -> bytes:
+    data = json.loads(tokenizer_json())
+    for token in data["added_tokens"]:
+        if token["content"] == "<|end|>":
+            token["id"] = value
+    return json.dumps(data).encode()
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +147,17 @@ def warm_home(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def startup(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """Seconds this machine takes to start the script and import its libraries (its --help). A test that times a run
+    bounds it by a few of these plus the wait it is about, so that the bound holds on a slower machine too."""
+    started = time.monotonic()
+    assert console("--help", hub=None, home=tmp_path_factory.mktemp("startup")).returncode == 0
+    return time.monotonic() - started
+
+
 def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None = None,
-            stdin: bytes | None = None, script: Path = SCRIPT, timeout: float = 120,
+            stdin: bytes | None = None, script: Path = SCRIPT, timeout: float = PATIENCE,
             max_file_size: int | None = None) -> Result:
     """Run the real phi_console.py the way a user does and capture what they would see."""
     environment = environment_for(hub, home)
@@ -139,6 +174,19 @@ def start(*args: str, hub: Hub | None, home: Path, stdin: int = subprocess.DEVNU
     """Start the real script in the background, as console() runs it, for tests that signal it mid-run."""
     return subprocess.Popen([PYTHON, str(SCRIPT), *args], stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=environment_for(hub, home), preexec_fn=as_a_user)
+
+
+def storm(process: subprocess.Popen, until: threading.Event) -> threading.Thread:
+    """Ctrl-C every 3 ms, as from a hand that will not stop, until `until` is set or the process ends."""
+
+    def press() -> None:
+        while not until.is_set() and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.003)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    return thread
 
 
 def as_a_user(*, max_file_size: int | None = None) -> None:
@@ -202,6 +250,18 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> list[str]:
                       n_head=8, random_weights=True, dtype=np.float16)
     hub.add("phi-console-tests/slow", {"slow.gguf": path.read_bytes()})
     return ["--model-repo", "phi-console-tests/slow", "--model-file", "slow.gguf", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def random_models(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two Q4_K_M models with random weights, wide enough (1024) to take the kernels the real file takes."""
+    folder = tmp_path_factory.mktemp("random")
+    served = {}
+    for name, layers in (("two-layers.gguf", 2), ("three-layers.gguf", 3)):
+        f16 = write_gguf(folder / f"{name}.f16", logits={}, n_embd=1024, n_ff=2048, n_head=8, n_layer=layers,
+                         random_weights=True, dtype=np.float16)
+        served[name] = quantize_q4_k_m(f16, folder / name).read_bytes()
+    hub.add(RANDOM, served)
 
 
 LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model

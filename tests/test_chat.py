@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import PYTHON, SCRIPT, as_a_user, console, crafted, environment_for
+from conftest import NESTED_JSON, PATIENCE, PYTHON, SCRIPT, as_a_user, console, crafted, environment_for, the_error
 
 
 def chat(hub, home, lines: list[str], **settings):
@@ -26,6 +26,13 @@ def chat(hub, home, lines: list[str], **settings):
 
 def evaluated(stats_line: str) -> int:
     return int(re.search(r"(\d+) prompt tokens evaluated", stats_line).group(1))
+
+
+def test_bytes_that_are_no_utf8_are_a_message_like_any_other(hub, warm_home):
+    result = console(*crafted(prompt=None, sample_len=2), "--chat", hub=hub, home=warm_home,
+                     stdin=b"hello \xff\xfe world\nsay something\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"puck puck\npuck puck\n" and "Traceback" not in result.stderr
 
 
 def test_each_message_gets_a_reply_on_stdout(hub, warm_home):
@@ -124,7 +131,7 @@ class Terminal:
         self.seen = b""
         self.cursor = 0
 
-    def read_until(self, marker: bytes, timeout: float = 60) -> bytes:
+    def read_until(self, marker: bytes, timeout: float = PATIENCE) -> bytes:
         """What the terminal shows from where the last read stopped up to and including `marker`."""
         deadline = time.monotonic() + timeout
         while (found := self.seen.find(marker, self.cursor)) < 0:
@@ -280,7 +287,7 @@ def test_a_state_saved_with_another_model_is_not_trusted(hub, warm_home, tmp_pat
     assert context_used(other) == context_used(saved)  # the same conversation, evaluated again
 
 
-@pytest.mark.parametrize("content", [None, b"{ not json", b'{"format": "something else"}', b"[]"])
+@pytest.mark.parametrize("content", [None, b"{ not json", b'{"format": "something else"}', b"[]", NESTED_JSON])
 def test_a_missing_or_malformed_file_is_one_error_and_the_conversation_goes_on(hub, warm_home, tmp_path, content):
     path = tmp_path / "talk.json"
     if content is not None:
@@ -304,12 +311,23 @@ def damage(record: dict, part: str) -> str:
     if part == "a setting out of range":
         record["settings"]["temperature"] = -1
         return "settings.temperature must be a number >= 0 (got -1)"
+    if part == "an exchange beyond its tokens":  # it would make the cache slide the wrong way when room is made
+        record["context"]["exchanges"][-1] = len(record["context"]["tokens"]) + 50
+        return f"context.exchanges[1] is {len(record['context']['tokens']) + 50}, not a position in the context"
+    if part == "a window llama.cpp cannot allocate":
+        record["settings"]["repeat_last_n"] = 2_000_000_000
+        return "settings.repeat_last_n must be an integer in 0..65536 (got 2000000000)"
+    if part == "a token id that is a number but no integer":
+        record["context"]["pending"][0] = 5.0
+        return "context.pending[0] must be an integer (got 5.0)"
     record["messages"][1]["content"] = None
     return "messages[1].content must be text (got None)"
 
 
 @pytest.mark.parametrize("part", ["a token outside the vocabulary", "exchanges out of order", "a setting out of range",
-                                  "a message that is not text"])
+                                  "a message that is not text", "an exchange beyond its tokens",
+                                  "a window llama.cpp cannot allocate",
+                                  "a token id that is a number but no integer"])
 def test_a_damaged_saved_conversation_is_refused_naming_the_field_and_value(hub, warm_home, tmp_path, part):
     path = tmp_path / "talk.json"
     saved_conversation(hub, warm_home, path)
@@ -371,3 +389,36 @@ def test_a_full_context_keeps_the_exchange_that_carries_the_system_prompt(hub, w
     kept = json.loads((tmp_path / "first.json").read_text())["context"]["tokens"]
     assert record["context"]["tokens"][: len(kept)] == kept  # the system prompt's exchange is still first
     assert len(record["context"]["tokens"]) <= 128
+
+
+@pytest.mark.parametrize("part", ["missing", "not JSON", "exchanges out of order", "a setting out of range"])
+def test_load_at_start_refuses_a_bad_file_before_the_model_is_downloaded_or_loaded(hub, warm_home, tmp_path, part):
+    path = tmp_path / "talk.json"
+    if part == "not JSON":
+        path.write_text("{ not json")
+    elif part != "missing":
+        saved_conversation(hub, warm_home, path)
+        record = json.loads(path.read_text())
+        damage(record, part)
+        path.write_text(json.dumps(record))
+    home = tmp_path / "empty"  # nothing cached and no hub: the run can only get as far as the settings
+    line = the_error(console("--load", str(path), hub=None, home=home), code=2)
+    assert line.startswith(f"error: --load: cannot load {path}")
+    assert not (home / "hub").exists()
+
+
+def test_a_failed_save_leaves_the_earlier_save_whole_and_loadable(hub, warm_home, tmp_path):
+    path, state = tmp_path / "talk.json", tmp_path / "talk.json.state"
+    saved_conversation(hub, warm_home, path)
+    before = path.read_bytes(), state.read_bytes()
+    # Files may grow to twice the first state, not to the state of a conversation ten times longer: a full disk.
+    long = " ".join(["hello world"] * 300)
+    failed = console(*crafted(prompt=None, sample_len=3), "--chat", hub=hub, home=warm_home,
+                     stdin=f"/load {path}\n{long}\n/save {path}\n".encode(), max_file_size=2 * len(before[1]))
+    assert failed.returncode == 0, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"could not save to {path}" in errors[0] and "nothing was changed" in errors[0]
+    assert (path.read_bytes(), state.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["talk.json", "talk.json.state"]
+    loaded = chat(hub, warm_home, [f"/load {path}", "hello", "/stats"])
+    assert "not using" not in loaded.stderr and evaluated(stats(loaded)[0]) < 20  # restored, not evaluated again

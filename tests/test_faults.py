@@ -6,12 +6,14 @@ import hashlib
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_FILE, MODEL_REPO, PENALISED, TOKENIZER_REPO, console, crafted, start, the_error
+from conftest import (MODEL_FILE, MODEL_REPO, PATIENCE, PENALISED, TOKENIZER_REPO, console, crafted, start, storm,
+                      the_error)
 
 
 def cached(home: Path, repo: str, name: str) -> Path:
@@ -92,7 +94,7 @@ def partial_files(home: Path) -> list[Path]:
     return list((home / "hub").rglob("*.partial"))
 
 
-def wait_for_partial_file(home: Path, at_least: int, timeout: float = 20) -> None:
+def wait_for_partial_file(home: Path, at_least: int, timeout: float = PATIENCE) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.stat().st_size >= at_least for p in partial_files(home) if p.exists()):
@@ -114,7 +116,7 @@ def stop_download(hub, home: Path, at: int, signum: int) -> tuple[int, str]:
         process = start_download(hub, home)
         wait_for_partial_file(home, at)
         process.send_signal(signum)
-        _, stderr = process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=PATIENCE)
     settle(hub)
     return process.returncode, stderr.decode("utf-8", "replace")
 
@@ -152,6 +154,19 @@ def test_a_download_killed_at_any_moment_is_resumed_by_the_next_run(hub, tmp_pat
 def test_ctrl_c_during_a_download_exits_130_and_the_next_run_resumes(hub, tmp_path, stopped_at):
     code, stderr = stop_download(hub, tmp_path, stopped_at, signal.SIGINT)
     assert code == 130 and "Traceback" not in stderr
+    assert len(partial_files(tmp_path)) == 1
+    resumes(hub, tmp_path)
+
+
+def test_a_storm_of_ctrl_c_during_a_download_exits_130_and_the_next_run_resumes(hub, tmp_path):
+    with hub.faults(throttle=4 << 20):
+        process = start_download(hub, tmp_path)
+        wait_for_partial_file(tmp_path, 1 << 20)
+        storm(process, threading.Event())
+        _, stderr = process.communicate(timeout=PATIENCE)
+    settle(hub)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr.decode() and "Exception ignored" not in stderr.decode()
     assert len(partial_files(tmp_path)) == 1
     resumes(hub, tmp_path)
 
@@ -202,7 +217,7 @@ def test_two_runs_started_at_once_share_the_cache_without_corrupting_it(hub, tmp
     hub.sent = 0
     with hub.faults(throttle=8 << 20):
         runs = [start_download(hub, tmp_path) for _ in range(2)]
-        outputs = [run.communicate(timeout=60) for run in runs]
+        outputs = [run.communicate(timeout=PATIENCE) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err for _, err in outputs]
     assert all(out == PENALISED for out, _ in outputs)
     assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == served_model(hub)
@@ -230,14 +245,14 @@ def test_a_connection_dropped_mid_body_is_resumed_within_the_run(hub, tmp_path):
     assert cached(tmp_path, MODEL_REPO, MODEL_FILE).read_bytes() == hub.repos[MODEL_REPO].files[MODEL_FILE]
 
 
-def test_a_hub_that_never_answers_is_reported_within_the_timeout(hub, tmp_path):
+def test_a_hub_that_never_answers_is_reported_within_the_timeout(hub, tmp_path, startup):
     with hub.faults(hang=True):
         started = time.monotonic()
         result = default_run(hub, tmp_path, env={"HF_HUB_ETAG_TIMEOUT": "2"})
         elapsed = time.monotonic() - started
     line = the_error(result)
     assert "did not answer within 2 s" in line
-    assert elapsed < 8
+    assert elapsed < 3 * startup + 2 + 3  # not the library's retries, which take far longer
 
 
 def test_a_full_disk_names_the_cache_and_the_space_needed_and_the_next_run_succeeds(hub, tmp_path):
@@ -253,17 +268,18 @@ def test_a_full_disk_names_the_cache_and_the_space_needed_and_the_next_run_succe
 
 @pytest.mark.parametrize("name", ["huge-string.gguf", "huge-array.gguf", "huge-counts.gguf", "truncated.gguf",
                                   "wrong-magic.gguf"])
-def test_a_hostile_gguf_is_refused_in_one_line(hub, tmp_path, name):
+def test_a_hostile_gguf_is_refused_in_one_line(hub, tmp_path, startup, name):
     started = time.monotonic()
     result = console(*crafted(model=name), hub=hub, home=tmp_path)
     line = the_error(result)
     assert "not a loadable GGUF" in line and name in line
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 3 * startup + 15  # no attempt to read the sizes it claims
 
 
 @pytest.mark.parametrize("repo,expected", [
     ("phi-console-tests/plain-tokenizer", "lacks the special tokens"),
     ("phi-console-tests/huge-tokenizer", "not a usable tokenizer.json"),
+    ("phi-console-tests/nested-tokenizer", "not a usable tokenizer.json"),
 ])
 def test_a_tokenizer_without_what_phi3_needs_is_refused(hub, warm_home, repo, expected):
     line = the_error(console(*crafted(), "--tokenizer-repo", repo, hub=hub, home=warm_home))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import LONG_PROMPT, PYTHON, SCRIPT, as_a_user, environment_for
+from conftest import LONG_PROMPT, PATIENCE, PYTHON, SCRIPT, as_a_user, environment_for
 
 BAR = re.compile(rb"prompt:\s+(\d+)%\|[^|]*\|\s+(\d+)/(\d+)")  # tqdm's "prompt:  42%|####  | 640/1503 [...]"
 
@@ -57,7 +57,7 @@ def run_long_prompt(hub, home, model_flags, *extra: str, stderr_at_a_terminal: b
             break
         pieces.append((time.monotonic(), chunk))
     os.close(reader)
-    process.wait(timeout=120)
+    process.wait(timeout=PATIENCE)
     thread.join(timeout=10)
     stderr = b"".join(chunk for _, chunk in pieces)
     return process.returncode, bytes(stdout), stderr, (first_stdout or [float("inf")])[0], pieces

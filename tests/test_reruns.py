@@ -7,35 +7,19 @@ for each reply is a run with --prompt-cache-gb 0, which neither restores nor sav
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
+import time
 
 import llama_cpp
-import numpy as np
 import pytest
 
-from conftest import console, flags, start
-from phi3_models import quantize_q4_k_m, write_gguf
+from conftest import PATIENCE, RANDOM, console, crafted, flags, start
 
-RANDOM = "phi-console-tests/random"
 LONG = " ".join(["hello world"] * 300)  # about 620 tokens with the chat format: more than one 512-token batch
 FEATURES = llama_cpp.llama_print_system_info()
-# The runs below ask for repacked weights, the path with the most parts (a long prompt is evaluated on the file's own
-# layout and moved into the repacked model), except on a build with the AMX kernel, which never repacks.
-REPACK = None if b"AMX_INT8 = 1" in FEATURES else True
-
-
-@pytest.fixture(scope="module")
-def random_models(hub, tmp_path_factory) -> None:
-    """Two Q4_K_M models with random weights, wide enough (1024) to take the kernels the real file takes."""
-    folder = tmp_path_factory.mktemp("random")
-    served = {}
-    for name, layers in (("two-layers.gguf", 2), ("three-layers.gguf", 3)):
-        f16 = write_gguf(folder / f"{name}.f16", logits={}, n_embd=1024, n_ff=2048, n_head=8, n_layer=layers,
-                         random_weights=True, dtype=np.float16)
-        served[name] = quantize_q4_k_m(f16, folder / name).read_bytes()
-    hub.add(RANDOM, served)
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ def home(hub, random_models, tmp_path_factory):
 
 
 def run(hub, home, prompt: str, *, model: str = "two-layers.gguf", **settings: object):
-    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, "repack": REPACK, **settings}
+    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
     return console("--model-repo", RANDOM, "--model-file", model, "--prompt", prompt, *flags(**chosen),
                    hub=hub, home=home)
 
@@ -88,13 +72,15 @@ def test_a_rerun_with_other_sampling_settings_restores_the_prompt_and_replies_as
 
 
 def test_a_reply_stopped_with_ctrl_c_still_leaves_its_prompt_for_the_rerun(hub, home):
-    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG,
-                    *flags(seed=7, sample_len=3000, repack=REPACK), hub=hub, home=home)
+    # A 1024-token context: the reply has room for about 400 tokens, so it is still streaming when Ctrl-C comes, and
+    # a rerun gets the same cache (a saved state is reused only there) without asking for thousands of tokens.
+    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG, "--ctx", "1024",
+                    *flags(seed=7, sample_len=3000), hub=hub, home=home)
     process.stdout.read(1)  # the reply has begun
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=60)
+    process.communicate(timeout=PATIENCE)
     assert process.returncode == 130
-    again = run(hub, home, LONG, sample_len=3000)
+    again = run(hub, home, LONG, sample_len=3000, ctx=1024)
     assert restored(again) == prompt_tokens(again) - 1
 
 
@@ -209,10 +195,9 @@ def test_a_prompt_cache_of_zero_saves_nothing(hub, home):
     assert saved(home) == []
 
 
-# Where llama.cpp repacks weights for this CPU (it does on x86-64 with AVX2 for Q4_K tensors, as in these models),
-# a prompt is evaluated on a second mapping of the file without repacking and moved into the repacked model.
+# The layout of the weights: as the file has them, or repacked by llama.cpp for this CPU (--repack), one per run.
 def verbose(hub, home, prompt: str, **settings: object):
-    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, "repack": REPACK, **settings}
+    chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
     result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", prompt, "--verbose",
                      *flags(**chosen), hub=hub, home=home)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -223,60 +208,14 @@ def repacked(result) -> bool:
     return "CPU_REPACK model buffer size" in result.stderr
 
 
-def mappings(result) -> int:
-    """How many times the run loaded the model file (llama.cpp logs one mapped buffer per load)."""
-    return len(re.findall(r"CPU_Mapped model buffer size", result.stderr))
-
-
-def moving_files(home) -> list:
-    return sorted(home.rglob("*.moving"))
-
-
-def test_a_prompt_is_evaluated_on_the_files_own_layout_and_the_reply_generated_on_the_repacked_one(hub, home):
-    result = verbose(hub, home, LONG, prompt_cache_gb=0)
-    if b"AVX2 = 1" in FEATURES and REPACK:  # --repack: llama.cpp repacks Q4_K on any x86-64 CPU with AVX2
-        assert repacked(result)
-    elif not repacked(result):
-        pytest.skip("llama.cpp repacks nothing here: one layout serves both")
-    assert mappings(result) == 2
-    assert "prompt: evaluated on the weights as the file has them; generating on the repacked ones" in result.stderr
-    assert result.stdout == fresh(hub, home, LONG)  # --verbose changes nothing but stderr
-    assert moving_files(home) == []  # the file the prompt's state moved through is gone
-
-
-def test_a_prompt_restored_whole_maps_the_file_only_once(hub, home):
-    first = verbose(hub, home, LONG)
-    again = verbose(hub, home, LONG)
-    assert restored(again) == prompt_tokens(again) - 1
-    assert mappings(again) == 1 and "evaluated on the weights as the file has them" not in again.stderr
-    assert again.stdout == first.stdout
-    if repacked(first):
-        assert mappings(first) == 2
-
-
-def test_a_short_prompt_is_evaluated_on_the_repacked_weights_directly(hub, home):
-    # Below 256 tokens, mapping the file again and moving the state would cost more than it saves.
-    result = verbose(hub, home, "why is the sky blue", prompt_cache_gb=0)
-    assert mappings(result) == 1 and "evaluated on the weights as the file has them" not in result.stderr
-    assert result.stdout == fresh(hub, home, "why is the sky blue")
-
-
-def test_a_full_disk_does_not_change_the_reply(hub, home):
-    # The prompt's state cannot be written to a file: it moves in memory instead, and the numbers are the same.
+def test_a_full_disk_does_not_change_the_reply_and_leaves_no_file_behind(hub, home):
+    # The prompt's state cannot be saved: the reply is the same, and no half-written file is left in the folder.
     result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", LONG,
-                     *flags(temperature=1.0, seed=7, sample_len=12, repack=REPACK, prompt_cache_gb=0),
-                     hub=hub, home=home, max_file_size=4096)
+                     *flags(temperature=1.0, seed=7, sample_len=12), hub=hub, home=home,
+                     max_file_size=4096)
     assert result.returncode == 0, result.stderr
     assert result.stdout == fresh(hub, home, LONG)
-    assert moving_files(home) == []
-
-
-def test_a_model_that_llama_cpp_does_not_repack_is_loaded_once(hub, slow_model, slow_home):
-    result = console(*slow_model, "--prompt", "hello", "--sample-len", "1", "--verbose", hub=hub, home=slow_home)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert not repacked(result)  # F16 weights keep their layout
-    assert mappings(result) == 1 and "evaluated on the weights as the file has them" not in result.stderr
-
+    assert list((home / "phi-console" / "prompts").glob("*")) == []
 
 
 def test_by_default_weights_are_repacked_only_on_cpus_where_that_was_measured_to_pay(hub, home):
@@ -286,25 +225,29 @@ def test_by_default_weights_are_repacked_only_on_cpus_where_that_was_measured_to
         pytest.skip("not an x86-64 CPU with AVX2: llama.cpp's own choice stands")
     result = verbose(hub, home, LONG, repack=None, prompt_cache_gb=0)
     if b"AMX_INT8 = 1" in FEATURES or b"AVX512 = 1" not in FEATURES:
-        assert not repacked(result) and mappings(result) == 1
-        assert "evaluated on the weights as the file has them" not in result.stderr
+        assert not repacked(result)
     else:
-        assert repacked(result) and mappings(result) == 2
+        assert repacked(result)
 
 
-def test_without_repacking_a_rerun_restores_the_prompt_and_replies_the_same(hub, home):
-    first = verbose(hub, home, LONG, repack=False)
-    again = verbose(hub, home, LONG, repack=False, temperature=0.7, seed=3)
-    assert not repacked(first) and mappings(first) == 1 and restored(first) == 0
+@pytest.mark.parametrize("repack", [False, True])
+def test_on_either_layout_a_rerun_restores_the_prompt_and_replies_the_same(hub, home, repack):
+    if repack and b"AMX_INT8 = 1" in FEATURES:
+        pytest.skip("this build never repacks")
+    first = verbose(hub, home, LONG, repack=repack)
+    again = verbose(hub, home, LONG, repack=repack, temperature=0.7, seed=3)
+    if b"AVX2 = 1" in FEATURES:  # llama.cpp repacks Q4_K weights on x86-64 CPUs with AVX2, and only when asked to
+        assert repacked(first) == repack
+    assert restored(first) == 0
     assert restored(again) == prompt_tokens(again) - 1
-    assert first.stdout == fresh(hub, home, LONG, repack=False)
-    assert again.stdout == fresh(hub, home, LONG, repack=False, temperature=0.7, seed=3)
+    assert first.stdout == fresh(hub, home, LONG, repack=repack)
+    assert again.stdout == fresh(hub, home, LONG, repack=repack, temperature=0.7, seed=3)
 
 
 def test_a_prompt_saved_by_a_run_on_one_layout_is_not_restored_by_a_run_on_the_other(hub, home):
-    if REPACK is None:
+    if b"AMX_INT8 = 1" in FEATURES:
         pytest.skip("this build never repacks")
-    # A short prompt: both runs evaluate it on the weights they loaded, so only the layout tells the states apart.
+    # A short prompt, the same on both: only the recorded layout tells the states apart.
     run(hub, home, "why is the sky blue", repack=False)
     other = run(hub, home, "why is the sky blue", repack=True)
     assert restored(other) == 0 and other.stdout == fresh(hub, home, "why is the sky blue", repack=True)
@@ -316,3 +259,71 @@ def test_repack_is_refused_on_a_build_whose_amx_kernel_would_crash(hub, home):
     result = run(hub, home, "hello", repack=True)
     assert result.returncode == 2 and b"" == result.stdout
     assert "--repack" in result.stderr and "AMX" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- runs that share one cache ---------------------------------------------------------------------------------------
+def stray_files(home) -> list:
+    """What in the prompts folder is neither a saved prompt's record nor the state beside a record."""
+    folder = home / "phi-console" / "prompts"
+    kept = {name for index in folder.glob("*.json") for name in (index.name, index.with_suffix(".state").name)}
+    return [path.name for path in folder.iterdir() if path.name not in kept]
+
+
+def test_six_runs_at_once_on_one_cache_all_finish_and_every_prompt_is_restored_afterwards(hub, home):
+    prompts = [LONG + " quick brown fox", LONG + " blue sky", LONG + " say hello"] * 2  # each twice, at once
+    runs = [start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", prompt,
+                  *flags(temperature=1.0, seed=7, sample_len=4), hub=hub, home=home) for prompt in prompts]
+    for process in runs:
+        _, stderr = process.communicate(timeout=PATIENCE)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+    assert stray_files(home) == []
+    for prompt in prompts[:3]:
+        again = run(hub, home, prompt, sample_len=4)
+        assert restored(again) == prompt_tokens(again) - 1
+        assert again.stdout == fresh(hub, home, prompt, sample_len=4)
+
+
+def test_a_full_disk_while_a_prompt_is_saved_keeps_the_prompts_saved_before(hub, home):
+    run(hub, home, "why is the sky blue")
+    size = saved(home)[0].stat().st_size
+    # Room for one state; the next cannot be written whole (the disk is full): the one saved before must stay.
+    failed = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", "why is the fox quick",
+                     *flags(temperature=1.0, seed=7, sample_len=12, prompt_cache_gb=1.5 * size / 1e9), hub=hub,
+                     home=home, max_file_size=size // 2)
+    assert failed.returncode == 0, failed.stderr
+    assert restored(run(hub, home, "why is the sky blue")) > 0
+    assert stray_files(home) == []
+
+
+def test_what_a_killed_run_left_is_cleaned_up_later_but_not_what_a_running_one_is_writing(hub, home):
+    run(hub, home, "why is the sky blue")
+    folder = home / "phi-console" / "prompts"
+    left = folder / ".0123abcd.state.killed.tmp"  # as a run killed while writing its state leaves it
+    writing = folder / ".4567cdef.state.running.tmp"  # being written by a run that is alive: just touched
+    for path in (left, writing):
+        path.write_bytes(b"\0" * 1000)
+    an_hour_ago = time.time() - 3700
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    run(hub, home, "why is the fox quick")  # saves a prompt, and tidies the folder under its lock
+    assert not left.exists() and writing.exists()
+    writing.unlink()
+    assert stray_files(home) == []
+
+
+def test_a_run_never_deletes_the_state_another_run_has_just_renamed_into_place(hub, tmp_path):
+    from filelock import FileLock  # the lock huggingface_hub's WeakFileLock takes, which the script takes too
+
+    first = console(*crafted(), hub=hub, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "phi-console" / "prompts"
+    with FileLock(tmp_path / "phi-console" / "prompts.lock"):  # as another run holds it between its two renames
+        renamed = folder / "another-run.state"
+        renamed.write_bytes(b"\0" * 1000)  # its state is in place, its record not yet
+        process = start(*crafted(prompt="why is the fox quick"), hub=hub, home=tmp_path)
+        assert process.stdout.read(len(first.stdout)) == first.stdout  # replied; now it saves its prompt
+        time.sleep(1.0)
+        assert process.poll() is None  # it waits for the lock
+        (folder / "another-run.json").write_text("{}")
+    _, stderr = process.communicate(timeout=PATIENCE)
+    assert process.returncode == 0, stderr.decode()
+    assert renamed.exists() and len(list(folder.glob("*.state"))) == 3

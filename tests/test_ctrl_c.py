@@ -1,0 +1,115 @@
+"""Ctrl-C pressed any number of times, at any moment: a chat goes on, its record and its cache in agreement; any other
+run exits 130, with no traceback and nothing printed from inside a callback.
+
+A storm is SIGINT every few milliseconds. llama.cpp's worker threads exist from the first reply on, and the kernel
+may hand a signal to any of them: the script must act on it all the same, and only where that is safe.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import LONG_PROMPT, PATIENCE, RANDOM, console, flags, start, storm
+
+
+class Streams:
+    """What a running process writes to stdout and stderr, read as it comes so that no pipe fills up."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.out, self.err = bytearray(), bytearray()
+        self.readers = [threading.Thread(target=self.read, args=(stream, into), daemon=True)
+                        for stream, into in ((process.stdout, self.out), (process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def read(stream, into: bytearray) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            into.extend(chunk)
+
+    def wait_for(self, what: bytes, where: str = "err") -> None:
+        deadline = time.monotonic() + PATIENCE
+        while what not in getattr(self, where):
+            assert time.monotonic() < deadline, bytes(self.err[-2000:])
+            time.sleep(0.02)
+
+    def close(self) -> tuple[str, str]:
+        for reader in self.readers:
+            reader.join(timeout=PATIENCE)
+        return self.out.decode("utf-8", "replace"), self.err.decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def storm_home(hub, random_models, tmp_path_factory):
+    home = tmp_path_factory.mktemp("storm_home")
+    assert console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--sample-len", "1", hub=hub,
+                   home=home).returncode == 0
+    return home
+
+
+def chat_with(hub, home, lines: list[str], **settings):
+    chosen = {"temperature": 1.0, "seed": 5, "sample_len": 20, **settings}
+    return console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--chat", *flags(**chosen), hub=hub,
+                   home=home, stdin="".join(line + "\n" for line in lines).encode())
+
+
+def test_a_storm_of_ctrl_c_never_ends_a_chat_and_leaves_its_record_and_cache_in_agreement(hub, storm_home, tmp_path):
+    big, after, anew = tmp_path / "big.json", tmp_path / "after.json", tmp_path / "anew.json"
+    made = chat_with(hub, storm_home, [" ".join(["hello world"] * 1200), f"/save {big}"], sample_len=4)
+    assert made.returncode == 0, made.stderr  # a conversation of about 2,400 tokens
+    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--chat",
+                    *flags(temperature=1.0, seed=5, sample_len=2000), hub=hub, home=storm_home, stdin=subprocess.PIPE)
+    streams = Streams(process)
+
+    def say(line: str) -> None:
+        process.stdin.write(line.encode() + b"\n")
+        process.stdin.flush()
+
+    say("hello")
+    streams.wait_for(b"\n", where="out")  # a first reply: llama.cpp's threads are there
+    calm = threading.Event()
+    storm(process, calm)
+    say(f"/load {big}")  # a few thousand tokens restored while Ctrl-C keeps coming
+    time.sleep(1.0)
+    say("tell me more")  # a reply of up to 2,000 tokens, asked in the storm
+    time.sleep(1.0)
+    calm.set()
+    time.sleep(1.0)  # the last ones, noted or raised at the prompt, are over
+    say(f"/save {after}")
+    say("/bye")
+    process.stdin.close()
+    process.wait(timeout=PATIENCE)
+    _, stderr = streams.close()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert "(to leave, type /bye or press Ctrl-D)" in stderr  # the storm reached the prompt too
+    assert "saved" in stderr and after.exists(), stderr[-2000:]
+    # A new process restores what was saved without evaluating it again, and says what a process that evaluates the
+    # saved tokens says: the cache held exactly the tokens the record holds.
+    restored = chat_with(hub, storm_home, [f"/load {after}", "/set sample_len 20", "hello", "/stats"])
+    record = json.loads(after.read_text())
+    record["state"]["file"] = "missing.state"
+    anew.write_text(json.dumps(record))
+    evaluated = chat_with(hub, storm_home, [f"/load {anew}", "/set sample_len 20", "hello", "/stats"])
+    assert restored.returncode == evaluated.returncode == 0
+    assert "not using" not in restored.stderr and "not using missing.state" in evaluated.stderr
+    assert int(re.search(r"(\d+) prompt tokens evaluated", restored.stderr)[1]) < 20
+    assert restored.stdout == evaluated.stdout and len(restored.stdout) > 1
+
+
+@pytest.mark.parametrize("marker", [b"llama_model_loader", b"reserve took"])  # the model loads; the prompt is evaluated
+def test_a_storm_of_ctrl_c_ends_any_other_run_with_130_and_nothing_else(hub, slow_model, slow_home, marker):
+    process = start(*slow_model, "--prompt", LONG_PROMPT, "--verbose", hub=hub, home=slow_home)
+    streams = Streams(process)
+    streams.wait_for(marker)
+    storm(process, threading.Event())
+    process.wait(timeout=PATIENCE)
+    stdout, stderr = streams.close()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert stdout in ("", "\n")
