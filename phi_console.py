@@ -145,7 +145,8 @@ TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is a few MB; a bigger file is refuse
 CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # tokens the chat format uses
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
-BATCH = 512  # prompt tokens evaluated per llama_decode call
+BATCH = 512  # prompt tokens evaluated per llama_decode call (at most the context's size)
+CACHE_STEP = 256  # llama.cpp rounds a context's size up to a multiple of this many tokens
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -354,8 +355,10 @@ def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
     # Flash attention stays off on the CPU: it slows generation once the context holds a few hundred tokens, and
     # switching it by size would make a longer --sample-len change the reply. On a GPU, llama.cpp's choice stands.
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.n_ctx = n_ctx
-    params.n_batch = params.n_ubatch = min(n_ctx, BATCH)
+    # The size rounded up as llama.cpp rounds it, but first: it limits the batch to the size asked for, and every
+    # size within one step must make the same context, so that a rerun with another --sample-len reuses its prompt
+    params.n_ctx = math.ceil(n_ctx / CACHE_STEP) * CACHE_STEP
+    params.n_batch = params.n_ubatch = min(params.n_ctx, BATCH)
     params.n_threads = params.n_threads_batch = threads
     params.no_perf = False
     ctx = llama_cpp.llama_init_from_model(model, params)

@@ -91,6 +91,15 @@ def test_a_short_prompt_is_restored_too(hub, home):
     assert again.stdout == fresh(hub, home, "why is the sky blue", seed=11)
 
 
+def test_a_rerun_that_asks_for_a_longer_or_shorter_reply_restores_the_prompt(hub, home):
+    # 13 prompt tokens and any of these replies fit one 256-token step of the cache: the same state serves them all.
+    run(hub, home, "why is the sky blue", sample_len=12)
+    for sample_len in (13, 100, 3):
+        again = run(hub, home, "why is the sky blue", sample_len=sample_len)
+        assert restored(again) == prompt_tokens(again) - 1
+        assert again.stdout == fresh(hub, home, "why is the sky blue", sample_len=sample_len)
+
+
 def test_a_prompt_that_shares_a_start_with_a_saved_one_reuses_whole_batches_of_it(hub, home):
     run(hub, home, LONG + " quick brown fox")
     again = run(hub, home, LONG + " blue sky")
