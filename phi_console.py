@@ -28,7 +28,7 @@ The program, a whole default run in the order the work happens; it ends with mai
 Then the machinery that makes it robust and fast, each part entered by one call from the program:
   Download (machinery)  fetch_files(): every file checked against the hub's hash, a stopped download resumed
   Saved prompts         reusing_prompt(): a rerun restores its evaluated prompt instead of evaluating it again
-  Chat                  chat(): a conversation kept in the KV cache; /save and /load
+  Chat                  chat(): a conversation kept in the KV cache; /save and /load (read_saved() checks --load)
   Helpers               Ctrl-C noted until it is safe to act, progress bars, files written whole, run()
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ SETTINGS: dict[str, Setting] = {
                           "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
     "repack": Setting(bool, True, lambda b: True, "True, False or none",
                       "let llama.cpp repack the weights for this CPU at each load: faster generation on some CPUs, "
-                      "for 1.5 GB of memory and slower loads and prompts; none = on x86 only with AVX-512"),
+                      "for more memory and slower loads; none = with AVX-512 only on x86, else llama.cpp's choice"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk for recent runs' evaluated prompts, so that a rerun starts at once; 0 = off"),
     "model_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name", "Hugging Face repo of the weights"),
@@ -304,7 +304,7 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
     params.n_gpu_layers = gpu_layers
     params.use_extra_bufts = repack  # False: every weight used in place, as the file has it
-    # Mapped (llama.cpp's default), not read: a rerun starts from the page cache, and holds no second copy of it
+    # Mapped (llama.cpp's default), not read: a rerun starts from the page cache, without a second copy of the file
     with progress("loading", total=100, unit="%") as bar:
 
         def loaded(fraction: float, data: ctypes.c_void_p) -> bool:  # llama.cpp reports as it reads; False stops it
@@ -386,7 +386,7 @@ def user_turn(vocab: llama_cpp.llama_vocab_p, text: str, specials: dict[str, int
 
 
 def evaluate(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
-    """Feed tokens to the model a batch at a time; a noted Ctrl-C stops it within a graph node, whole batches kept."""
+    """Feed tokens to the model a batch at a time; a noted Ctrl-C stops it between graph nodes, whole batches kept."""
     batch, memory = llama_cpp.llama_n_batch(ctx), llama_cpp.llama_get_memory(ctx)
     nodes = [0, 0]  # graph nodes computed in the batch under way, and in a whole batch (once one has finished)
     span = [0, 0]  # where the batch under way starts in `tokens`, and its length
@@ -457,8 +457,8 @@ def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool) -> b
 def generate(ctx: llama_cpp.llama_context_p, *, prompt: list[int], sampler: llama_cpp.llama_sampler_p,
              stop_ids: set[int], hidden_ids: set[int], sample_len: int,
              last_alone: bool = False) -> Iterator[tuple[int, str]]:
-    """Evaluate the prompt (its last token alone if last_alone: a rerun must, having no logits), then yield each
-    sampled token with the text it adds ("" mid-character)."""
+    """Evaluate the prompt (with last_alone, its last token in a batch of its own, as a run that restored the rest
+    must: both then compute the same numbers), then yield each sampled token and the text it adds ("" mid-character)."""
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
     split = len(prompt) - 1 if last_alone else len(prompt)
     evaluate(ctx, prompt[:split])  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
@@ -529,7 +529,7 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
 def report(*, load: float, prompt: int, restored: int, asked: float, stamps: list[float], seed: int) -> str:
     """The run's last line: the load, the prompt (evaluated, or restored) and the reply, timed; the seed."""
     first = stamps[0] if stamps else time.perf_counter()
-    evaluation = f"{restored} restored from an earlier run in {first - asked:.2f} s" if restored else None
+    evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s" if restored else None
     rate = speed(len(stamps) - 1, stamps[-1] - first) if stamps else speed(0, 0)
     return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation or speed(prompt, first - asked)} | "
             f"generated: {len(stamps)} tokens, {rate} | seed {seed}")
@@ -1207,7 +1207,7 @@ def progress(what: str, *, total: float, unit: str) -> hub_tqdm:
 
 
 def file_digest(path: Path, digest: Any = None) -> str:
-    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time (2.4 GB: seconds)."""
+    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
     digest = digest or hashlib.sha256()
     with open(path, "rb") as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as bar:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -1271,7 +1271,7 @@ def stdin_is_piped() -> bool:
 
 
 def physical_cores() -> int:
-    """llama.cpp's own default thread count; the library's (half the logical CPUs) halves speed on small machines."""
+    """llama.cpp's own default thread count; the library's (half the logical CPUs) leaves cores idle."""
     try:  # Linux: one entry per set of hyperthread siblings among the CPUs we may run on
         siblings = {Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
                     for cpu in os.sched_getaffinity(0)}

@@ -221,7 +221,8 @@ def script_run(command: list[str], env: dict[str, str]) -> dict[str, float]:
     """Run phi_console.py once; its own report (load, prompt and generation speed)."""
     _, err, _ = run_measured(command, env)
     report = re.search(r"loaded in ([\d.]+) s \| prompt: (\d+) tokens, (?:([\d.]+) tok/s|(\d+) restored from an "
-                       r"earlier run in ([\d.]+) s) \| generated: (\d+) tokens, ([\d.]+|n/a)", err)
+                       r"earlier run, first token in ([\d.]+) s) \| generated: (\d+) tokens, "
+                       r"([\d.]+|n/a)", err)
     if not report:
         raise RuntimeError(f"no report in: {err[-500:]}")
     load, n_prompt, pp, n_restored, seconds, n_gen, tg = (float(x) if x not in (None, "n/a") else 0.0
