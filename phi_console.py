@@ -146,7 +146,10 @@ CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # token
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF declares only the second
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
 BATCH = 512  # prompt tokens evaluated per llama_decode call (at most the context's size)
+C_WHITESPACE = " \t\n\v\f\r"  # what an rstrip token drops after it (C's isspace, as llama.cpp and Hugging Face use)
 CACHE_STEP = 256  # llama.cpp rounds a context's size up to a multiple of this many tokens
+DECODE_ABORTED = 2  # llama_decode's status when the abort callback stopped it
+GGML_LOG_LEVEL_ERROR = 3  # the level of llama.cpp's log lines that say why something failed
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -191,6 +194,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
             settings.load = read_saved(Path(settings.load), n_ctx=settings.ctx)
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
+        settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
     return settings
 
 
@@ -293,8 +297,11 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool
         message = text.decode("utf-8", errors="replace")
         if verbose:
             sys.stderr.write(message)
-        elif level == 3 and message.strip():  # GGML_LOG_LEVEL_ERROR
+        elif level == GGML_LOG_LEVEL_ERROR and message.strip():
             errors.append(message.strip())
+        nodes = re.search(r"graph: nodes = (\d+)", message)  # each new context logs the size of a batch's graph
+        if nodes:
+            prompt_bar.graph_nodes = int(nodes[1])  # type: ignore[attr-defined]
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     load_model.keep_alive = on_log  # type: ignore[attr-defined]  # llama.cpp holds a raw pointer to it
@@ -372,58 +379,57 @@ def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
 def tokenize(vocab: llama_cpp.llama_vocab_p, text: str, *, add_bos: bool) -> list[int]:
     """Tokenize plain text; special-token text typed by the user stays plain text."""
     data = text.encode("utf-8")
-    size = len(data) + 2  # SPM never makes more tokens than bytes, plus BOS and the space prefix
-    tokens = (llama_cpp.llama_token * size)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, size, add_bos, False)
-    return list(tokens[:n])
+    size = len(data) + 2  # SPM rarely makes more tokens than bytes, plus BOS and the space prefix
+    while True:
+        tokens = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, size, add_bos, False)
+        if n >= 0:
+            return list(tokens[:n])
+        size = -n  # too small: llama.cpp says how many tokens it needs
 
 
 def user_turn(vocab: llama_cpp.llama_vocab_p, text: str, specials: dict[str, int], *, system: str | None) -> list[int]:
-    """`<|user|>\\n{text}<|end|>\\n<|assistant|>`, special tokens as ids; `system` opens it (Phi-3 has no such role)."""
+    """Phi-3's `<|user|>\\n{text}<|end|>\\n<|assistant|>\\n` as its own tokenizer gives it; `system` opens the text
+    (Phi-3 has no such role). Its chat tokens are rstrip tokens: the whitespace right after one is dropped, so the
+    template's newlines never become tokens (llama.cpp follows the same rule), and the text gets SPM's leading `▁`."""
     text = f"{system}\n\n{text}" if system else text
-    return [specials["<|user|>"], *tokenize(vocab, "\n" + text, add_bos=False), specials["<|end|>"],
-            *tokenize(vocab, "\n", add_bos=False), specials["<|assistant|>"]]
+    return [specials["<|user|>"], *tokenize(vocab, text.lstrip(C_WHITESPACE), add_bos=False), specials["<|end|>"],
+            specials["<|assistant|>"]]
+
+
+def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
+    """--verbose: the tokens about to be evaluated, ids and pieces, as llama.cpp's simple example shows its prompt."""
+    pieces = [token_bytes(vocab, token, special=True).decode("utf-8", "replace") for token in tokens]
+    sys.stderr.write(f"prompt: {len(tokens)} tokens {tokens}\npieces: {pieces}\n")
 
 
 def evaluate(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
     """Feed tokens to the model a batch at a time; a noted Ctrl-C stops it between graph nodes, whole batches kept."""
     batch, memory = llama_cpp.llama_n_batch(ctx), llama_cpp.llama_get_memory(ctx)
-    nodes = [0, 0]  # graph nodes computed in the batch under way, and in a whole batch (once one has finished)
-    span = [0, 0]  # where the batch under way starts in `tokens`, and its length
-    with progress("prompt", total=len(tokens), unit="tok") as bar:
-
-        def after_node(data: ctypes.c_void_p) -> bool:  # llama.cpp asks this after every graph node; True stops it
-            nodes[0] += 1
-            if nodes[1]:  # every batch computes as many nodes as the first
-                bar.update(span[0] + int(span[1] * min(nodes[0] / nodes[1], 1.0)) - bar.n)
-            return bool(Signals.noted)
-
-        callback = llama_cpp.ggml_abort_callback(after_node)
-        llama_cpp.llama_set_abort_callback(ctx, callback, None)
-        try:
-            for start in range(0, len(tokens), batch):
-                known = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
-                chunk = tokens[start : start + batch]
-                nodes[0], span[:] = 0, [start, len(chunk)]
-                array = (llama_cpp.llama_token * len(chunk))(*chunk)
-                status = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
-                if status == 2:  # aborted: drop whatever of this batch reached the cache
-                    llama_cpp.llama_memory_seq_rm(memory, 0, known, -1)
-                    break
-                if status != 0:
-                    fail("llama.cpp failed to evaluate the prompt")
-                nodes[1] = nodes[1] or nodes[0]
-                bar.update(start + len(chunk) - bar.n)
-        finally:
-            llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+    with prompt_bar(ctx, total=len(tokens)) as next_batch:
+        for start in range(0, len(tokens), batch):
+            n_past = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
+            chunk = tokens[start : start + batch]
+            next_batch(start, len(chunk))
+            array = token_array(chunk)  # held in a name: the batch only points at it
+            status = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
+            if status == DECODE_ABORTED:  # Ctrl-C: drop whatever of this batch reached the cache
+                llama_cpp.llama_memory_seq_rm(memory, 0, n_past, -1)
+                break
+            if status != 0:
+                fail("llama.cpp failed to evaluate the prompt")
     raise_noted()
 
 
 # --- Stream: sample in llama.cpp, yield text as soon as it is whole UTF-8 ---------------------------------------------
-def make_sampler(vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *,
-                 window: list[int]) -> tuple[llama_cpp.llama_sampler_p, int]:
-    """repeat penalty -> temperature -> top-p -> draw, as the settings say and nothing else; and the seed it draws."""
-    seed = random.SystemRandom().randint(0, MAX_SEED) if settings["seed"] is None else settings["seed"]
+def make_sampler(vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *, seed: int,
+                 window: list[int]) -> llama_cpp.llama_sampler_p:
+    """llama.cpp's sampler chain, in four steps over the next token's logits:
+    1. repeat penalty: divides the logits of tokens among the reply's last REPEAT_LAST_N (`window` starts it off);
+    2. temperature: divides every logit by it, so the probabilities flatten (> 1) or sharpen (< 1); 0 is greedy;
+    3. top-p: keeps the likeliest tokens whose probabilities add up to P (with temperature 0 nothing is left to cut);
+    4. draw: one token at random by those probabilities, from `seed`.
+    The penalty comes first because it reshapes the logits that temperature and top-p then read."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = functools.partial(llama_cpp.llama_sampler_chain_add, chain)
     add(llama_cpp.llama_sampler_init_penalties(llama_cpp.llama_vocab_n_tokens(vocab), settings["repeat_last_n"],
@@ -437,44 +443,47 @@ def make_sampler(vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *,
         add(llama_cpp.llama_sampler_init_dist(seed))
     for token in window[-settings["repeat_last_n"]:] if settings["repeat_last_n"] else []:
         llama_cpp.llama_sampler_accept(chain, token)
-    return chain, seed
+    return chain
 
 
-def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool) -> bytes:
-    """The bytes a token stands for; a reply's first token loses the space SPM puts before words."""
+def draw_seed(seed: int | None) -> int:
+    """The seed itself, or a new random one in its place, to be printed so that the run can be repeated."""
+    return random.SystemRandom().randint(0, MAX_SEED) if seed is None else seed
+
+
+def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool = False, special: bool = False) -> bytes:
+    """The bytes a token stands for (special tokens as their text only if asked); a reply's first token loses the
+    space SPM puts before words."""
     size = 32
     while True:
         buffer = ctypes.create_string_buffer(size)
         if first:  # detokenize applies the vocabulary's own rule for that space
-            n = llama_cpp.llama_detokenize(vocab, (llama_cpp.llama_token * 1)(token), 1, buffer, size, False, False)
+            n = llama_cpp.llama_detokenize(vocab, token_array([token]), 1, buffer, size, False, special)
         else:
-            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, special)
         if n >= 0:
             return buffer.raw[:n]
         size = -n  # too small: llama.cpp says how many bytes it needs
 
 
-def generate(ctx: llama_cpp.llama_context_p, *, prompt: list[int], sampler: llama_cpp.llama_sampler_p,
-             stop_ids: set[int], hidden_ids: set[int], sample_len: int,
-             last_alone: bool = False) -> Iterator[tuple[int, str]]:
-    """Evaluate the prompt (with last_alone, its last token in a batch of its own, as a run that restored the rest
-    must: both then compute the same numbers), then yield each sampled token and the text it adds ("" mid-character)."""
+def generate(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p, stop_ids: set[int],
+             hidden_ids: set[int], sample_len: int) -> Iterator[tuple[int, str]]:
+    """The token loop, once the prompt is evaluated: sample, stop?, print, decode. Yields each token and the text it
+    adds ("" mid-character, or for a hidden special token); a token that ends the reply is yielded with no text."""
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
-    split = len(prompt) - 1 if last_alone else len(prompt)
-    evaluate(ctx, prompt[:split])  # the prompt is not shown to the sampler: the repeat penalty looks at the reply only
-    evaluate(ctx, prompt[split:])
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    one = (llama_cpp.llama_token * 1)()
     for index in range(sample_len):
-        token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)  # also records it for the penalty
-        stop = token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token)
-        last = stop or index == sample_len - 1
-        data = b"" if stop or token in hidden_ids else token_bytes(vocab, token, first=index == 0)
-        yield token, utf8.decode(data, final=last)
+        token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)  # sample (and record it for the penalty)
+        if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):  # stop?
+            yield token, utf8.decode(b"", final=True)
+            return
+        raise_noted()  # Ctrl-C stops the reply here, before one more token is printed
+        last = index == sample_len - 1
+        data = b"" if token in hidden_ids else token_bytes(vocab, token, first=index == 0)
+        yield token, utf8.decode(data, final=last)  # print
         if last:
             return
-        raise_noted()  # Ctrl-C stops a reply here, between two tokens
-        one[0] = token
+        one = token_array([token])  # decode: the token goes into the cache, and its logits are the next step's
         if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
             fail("llama.cpp failed to evaluate a token")
 
@@ -500,38 +509,50 @@ def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[f
 def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str, int], n_ctx: int,
              context: dict[str, Any], sampling: dict[str, Any], identity: dict[str, Any], prompts: Path,
              prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
-    """One reply to one prompt, streamed to stdout; load, prompt and generation speed on stderr."""
+    """One reply to one prompt, streamed to stdout; load, prompt and generation speed, and the seed, on stderr."""
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials, system=sampling["system"])
-    if len(tokens) >= n_ctx:
-        fail(f"the prompt is {len(tokens)} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx",
-             code=2)
-    sample_len = min(sampling["sample_len"], n_ctx - len(tokens) + 1)
-    if sample_len < sampling["sample_len"]:
-        note(f"note: the context leaves room for {sample_len} tokens of reply; raise --ctx for more", quiet=quiet)
+    sample_len = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet)
     loaded = time.perf_counter()
-    ctx, facts = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), **context)  # no more than it needs
-    sampler, seed = make_sampler(vocab, sampling, window=[])
-    stamps: list[float] = []  # when each token of the reply came
-    # All but the prompt's last token (a saved state holds no logits): restored if an earlier run saved it, else saved
-    with reusing_prompt(ctx, tokens[:-1], identity | facts, folder=prompts, limit=prompt_cache_gb * 1e9,
-                        quiet=quiet) as restored:
-        show(generate(ctx, prompt=tokens[restored:], sampler=sampler, stop_ids={specials[s] for s in STOP_TOKENS},
-                      hidden_ids=set(specials.values()), sample_len=sample_len, last_alone=True),
-             tokens=[], stamps=stamps)
-    if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
-        llama_cpp.llama_perf_context_print(ctx)
-    note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded, stamps=stamps, seed=seed),
-         quiet=quiet)
+    ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), **context)  # no more than it needs
+    seed, stamps, restored = draw_seed(sampling["seed"]), [], 0  # stamps: when each token of the reply came
+    if verbose:
+        show_tokens(vocab, tokens)
+    try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
+        # restored or not: both runs then compute the same numbers, and give the same reply
+        with reusing_prompt(ctx, tokens[:-1], identity | key, folder=prompts, limit=prompt_cache_gb * 1e9,
+                            quiet=quiet) as restored:
+            evaluate(ctx, tokens[restored:-1])  # the penalty's window never sees the prompt: it is not the sampler's
+            evaluate(ctx, tokens[-1:])
+            show(generate(ctx, sampler=make_sampler(vocab, sampling, seed=seed, window=[]), sample_len=sample_len,
+                          stop_ids={specials[s] for s in STOP_TOKENS}, hidden_ids=set(specials.values())),
+                 tokens=[], stamps=stamps)
+    finally:  # also when Ctrl-C stopped it: the seed repeats the run
+        if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
+            llama_cpp.llama_perf_context_print(ctx)
+        note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded, stamps=stamps,
+                    seed=seed), quiet=quiet)
     return 0
+
+
+def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool) -> int:
+    """How many tokens the reply may have: SAMPLE_LEN, or what the context leaves after a prompt of `prompt` tokens."""
+    if prompt >= n_ctx:
+        fail(f"the prompt is {prompt} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx", code=2)
+    room = min(sample_len, n_ctx - prompt + 1)  # + 1: the last token is never evaluated
+    if room < sample_len:
+        note(f"note: the context leaves room for {room} tokens of reply; raise --ctx for more", quiet=quiet)
+    return room
 
 
 def report(*, load: float, prompt: int, restored: int, asked: float, stamps: list[float], seed: int) -> str:
     """The run's last line: the load, the prompt (evaluated, or restored) and the reply, timed; the seed."""
     first = stamps[0] if stamps else time.perf_counter()
-    evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s" if restored else None
+    evaluation = speed(prompt, first - asked) if stamps else "stopped"  # a prompt stopped part-way has no speed
+    if restored:
+        evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s"
     rate = speed(len(stamps) - 1, stamps[-1] - first) if stamps else speed(0, 0)
-    return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation or speed(prompt, first - asked)} | "
+    return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation} | "
             f"generated: {len(stamps)} tokens, {rate} | seed {seed}")
 
 
@@ -558,20 +579,20 @@ def main(argv: list[str] | None = None) -> int:
         kept=kept, timeout=hub_constants.HF_HUB_ETAG_TIMEOUT, quiet=quiet)
     specials = read_special_tokens(tokenizer_path)
 
-    Signals.at_once = False  # 3. load. From here on llama.cpp works: Ctrl-C stops it where that is safe (Signals)
-    started = time.perf_counter()
-    model = load_model(model_path, gpu_layers=settings.gpu_layers, repack=repack, verbose=verbose)
-    check_model(model, specials, n_ctx=settings.ctx)
-    context = dict(threads=settings.threads or physical_cores(),
-                   gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
-    sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
-    model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers, repack=repack)
-    if chatting:  # 4-6. prompt, stream and report, for every message
-        return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
-                    identity=model_identity, load=settings.load, quiet=quiet)
-    return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
-                    identity=model_identity, prompts=kept / "prompts", prompt_cache_gb=settings.prompt_cache_gb,
-                    started=started, quiet=quiet, verbose=verbose)
+    with ctrl_c(at_once=False):  # 3. load. From here on llama.cpp works: Ctrl-C stops it where that is safe
+        started = time.perf_counter()
+        model = load_model(model_path, gpu_layers=settings.gpu_layers, repack=repack, verbose=verbose)
+        check_model(model, specials, n_ctx=settings.ctx)
+        context = dict(threads=settings.threads or physical_cores(),
+                       gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
+        sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
+        model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers, repack=repack)
+        if chatting:  # 4-6. prompt, stream and report, for every message
+            return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
+                        identity=model_identity, load=settings.load, quiet=quiet, verbose=verbose)
+        return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
+                        sampling=sampling, identity=model_identity, prompts=kept / "prompts",
+                        prompt_cache_gb=settings.prompt_cache_gb, started=started, quiet=quiet, verbose=verbose)
 
 
 # --- Download (machinery): files checked against the hub's hash, a stopped download resumed; HF_TOKEN for the hub only
@@ -877,6 +898,7 @@ def load_state(ctx: llama_cpp.llama_context_p, path: Path, sha256: str, tokens: 
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
 SAVED_FORMAT = "phi-console conversation 1"  # the "format" of a /save file; other files are refused
 SAVED_REPLY_TOKENS = 4096  # the most recent reply tokens a /save keeps for the repeat penalty's window
+SAVED_BYTES_PER_TOKEN = 1024  # far more than a /save file takes per token; a larger file is refused, not read whole
 SAVED_CONVERSATION = {  # the shape of a /save file, as shape_problem reads it
     "settings": dict, "messages": [{"role": str, "content": str}], "state": {"file": str},
     "context": {"tokens": [int], "exchanges": [int], "pending": [int], "replies": [int]}}
@@ -893,21 +915,26 @@ COMMANDS = {  # what a chat understands, for /help; the settings /set takes are 
 
 
 def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
-         sampling: dict[str, Any], identity: dict[str, Any], load: dict[str, Any] | None, quiet: bool) -> int:
+         sampling: dict[str, Any], identity: dict[str, Any], load: dict[str, Any] | None, quiet: bool,
+         verbose: bool) -> int:
     """Talk at `>>> ` until /bye or the end of input, replies on stdout; Ctrl-C stops a reply but never the chat."""
-    ctx, facts = new_context(model, n_ctx=n_ctx, **context)
-    talk = Conversation(ctx, specials=specials, n_ctx=n_ctx, settings=sampling, identity=identity | facts, quiet=quiet)
+    ctx, key = new_context(model, n_ctx=n_ctx, **context)
+    talk = Conversation(ctx, specials=specials, n_ctx=n_ctx, settings=sampling, identity=identity | key, quiet=quiet,
+                        verbose=verbose)
     if load is not None:  # --load: checked before the model loaded, all but its tokens against the vocabulary
         try:
             note(talk.load(load), quiet=quiet)
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
+        if load["replaced"]:
+            note(f"note: the flags given replace the saved {load['replaced']}", quiet=quiet)
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # bytes that are no UTF-8 never end it
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing, history and bracketed paste for input())
-    note("chatting with the model: /help lists commands, /bye or Ctrl-D leaves", quiet=quiet)
+    note(f"chatting with the model, seed {talk.settings['seed']}: /help lists commands, /bye or Ctrl-D leaves",
+         quiet=quiet)
     for line in typed_messages(interactive):
         if line == "/bye":
             return 0
@@ -929,14 +956,14 @@ def typed_messages(interactive: bool) -> Iterator[str]:
             raise_noted()
         Signals.noted.clear()  # a Ctrl-C noted since the last prompt has stopped what it was for
         try:
-            Signals.at_once = True  # at the prompt, Ctrl-C raises at once (and is caught just below)
-            line = input(prompt)
-            if line.strip() == '"""':
-                block = []
-                while (line := input(more)).strip() != '"""':
-                    block.append(line)
-                line = "\n".join(block)
-            Signals.at_once = False
+            with ctrl_c(at_once=True):  # at the prompt, Ctrl-C raises at once (and is caught just below)
+                line = input(prompt)
+                if line.strip() == '"""':
+                    block = []
+                    with contextlib.suppress(EOFError):  # input that ends inside a block still sends the block
+                        while (line := input(more)).strip() != '"""':
+                            block.append(line)
+                    line = "\n".join(block)
         except EOFError:
             return
         except KeyboardInterrupt:
@@ -978,13 +1005,14 @@ class Conversation:
     exchanges[k] is where the k-th exchange (message and reply) starts; `pending` goes in with the next message."""
 
     def __init__(self, ctx: llama_cpp.llama_context_p, *, specials: dict[str, int], n_ctx: int,
-                 settings: dict[str, Any], identity: dict[str, Any], quiet: bool) -> None:
+                 settings: dict[str, Any], identity: dict[str, Any], quiet: bool, verbose: bool) -> None:
         self.ctx, self.specials, self.n_ctx, self.settings = ctx, specials, n_ctx, settings
-        self.identity, self.quiet, self.sampler, self.stats = identity, quiet, None, "no reply yet"
+        self.identity, self.quiet, self.verbose = identity, quiet, verbose
+        self.sampler, self.stats = None, "no reply yet"
         self.vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.stop_ids = {specials[name] for name in STOP_TOKENS}
-        self.reply_end = [specials["<|end|>"], *tokenize(self.vocab, "\n", add_bos=False)]
+        self.reply_end = [specials["<|end|>"]]  # the template's "\n" after it is dropped, as in user_turn
         self.reset()
 
     def reset(self) -> str:
@@ -999,10 +1027,12 @@ class Conversation:
         return "the conversation is forgotten"
 
     def new_sampler(self) -> None:
-        """A sampler for the current settings, whose penalty window carries on over the replies so far."""
+        """A sampler for the current settings, whose penalty window carries on over the replies so far; a seed of
+        None is drawn here and kept, so that /show, /save and the start say which one the chat uses."""
         if self.sampler is not None:
             llama_cpp.llama_sampler_free(self.sampler)
-        self.sampler, _ = make_sampler(self.vocab, self.settings, window=self.replies)
+        self.settings["seed"] = draw_seed(self.settings["seed"])
+        self.sampler = make_sampler(self.vocab, self.settings, seed=self.settings["seed"], window=self.replies)
 
     def change(self, name: str, text: str) -> str:
         """/set: a new value for a setting, checked like a flag's."""
@@ -1054,8 +1084,11 @@ class Conversation:
         sampled: list[int] = []
         stamps: list[float] = []
         said: list[str] = []
+        if self.verbose:
+            show_tokens(self.vocab, prompt)
         try:
-            show(generate(self.ctx, prompt=prompt, sampler=self.sampler, stop_ids=self.stop_ids,
+            evaluate(self.ctx, prompt)
+            show(generate(self.ctx, sampler=self.sampler, stop_ids=self.stop_ids,
                           hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled, stamps=stamps,
                  text=said)
         except KeyboardInterrupt:
@@ -1127,10 +1160,27 @@ class Conversation:
         return f"loaded {len(self.messages) // 2} exchange(s) from {path}: {len(self.tokens)} tokens of context"
 
 
+def flags_over_saved(saved: dict[str, Any], given: dict[str, Any]) -> str:
+    """--load with flags: each chat setting typed as a flag replaces the saved one; which saved values it replaced."""
+    typed = {name: given[name] for name in CHAT_SETTINGS if name in given and given[name] != saved[name]}
+    if "system" in typed:  # it is part of the conversation's first message, already in the saved tokens
+        fail("--system cannot change a saved conversation (its first message holds the system prompt); "
+             "after loading, /set system starts a new one", code=2)
+    replaced = ", ".join(f"{name} = {saved[name]!r}" for name in typed)
+    saved.update(typed)
+    return replaced
+
+
 def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
-    """A /save file, checked whole before anything changes (its vocabulary by load); ValueError says what is wrong."""
+    """A /save file, checked whole before anything changes (its vocabulary by load); ValueError says what is wrong.
+    A file larger than any /save of this context can be is refused after reading only that much of it."""
+    limit = (n_ctx + SAVED_REPLY_TOKENS) * SAVED_BYTES_PER_TOKEN
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"it is larger than a conversation of {n_ctx} tokens can be ({limit} bytes)")
+        saved = json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError) as error:
         raise ValueError(f"cannot load {path}: {getattr(error, 'strerror', None) or error}") from None
     wrong = saved_problem(saved)
@@ -1139,7 +1189,8 @@ def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
     held = len(saved["context"]["tokens"]) + len(saved["context"]["pending"])
     if held >= n_ctx:
         raise ValueError(f"{path} holds {held} tokens and the context holds {n_ctx}; start with a larger --ctx")
-    return {**saved, "settings": {name: saved["settings"][name] for name in CHAT_SETTINGS}, "path": path}
+    settings = {name: saved["settings"].get(name, DEFAULTS[name]) for name in CHAT_SETTINGS}  # older files lack some
+    return {**saved, "settings": settings, "path": path}
 
 
 def saved_problem(saved: Any) -> str | None:
@@ -1158,8 +1209,8 @@ def saved_problem(saved: Any) -> str | None:
             return f"context.exchanges[{index}] is {start}, not a position in the context (1..{length - 1})"
     if exchanges != sorted(set(exchanges)):
         return f"context.exchanges must be in order (got {reprlib.repr(exchanges)})"
-    for name in CHAT_SETTINGS:
-        wrong = problem(name, saved["settings"][name]) if name in saved["settings"] else "is missing"
+    for name in [name for name in CHAT_SETTINGS if name in saved["settings"]]:  # a missing one takes its default
+        wrong = problem(name, saved["settings"][name])
         if wrong:
             return f"settings.{name} {wrong}"
     return None
@@ -1200,6 +1251,53 @@ def raise_noted() -> None:
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def prompt_bar(ctx: llama_cpp.llama_context_p, *, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A bar over a prompt's tokens that moves within each batch too, from the graph nodes llama.cpp has computed
+    (it calls back after each; the first batch is measured against the graph's size as llama.cpp logged it); the
+    callback also stops a batch on Ctrl-C. Yields next_batch(start, length), to call before each batch."""
+    counted = {"nodes": 0, "per_batch": getattr(prompt_bar, "graph_nodes", 0), "start": 0, "length": 0}
+    with progress("prompt", total=total, unit="tok") as bar:
+
+        def after_node(data: ctypes.c_void_p) -> bool:  # llama.cpp asks this after every graph node; True stops it
+            counted["nodes"] += 1
+            done = min(counted["nodes"] / counted["per_batch"], 1.0) if counted["per_batch"] else 0.0
+            bar.update(counted["start"] + int(counted["length"] * done) - bar.n)
+            return bool(Signals.noted)
+
+        def next_batch(start: int, length: int) -> None:
+            if counted["start"] < start:  # a batch has finished: every batch computes as many nodes as it did
+                counted["per_batch"] = counted["nodes"]
+            bar.update(start - bar.n)
+            counted.update(nodes=0, start=start, length=length)
+
+        callback = llama_cpp.ggml_abort_callback(after_node)
+        llama_cpp.llama_set_abort_callback(ctx, callback, None)
+        try:
+            yield next_batch
+        finally:
+            llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+
+
+def token_array(tokens: list[int]) -> ctypes.Array:
+    """Token ids as the C array llama.cpp reads."""
+    return (llama_cpp.llama_token * len(tokens))(*tokens)
+
+
+@contextlib.contextmanager
+def ctrl_c(*, at_once: bool) -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM are raised at once, or only noted, for llama.cpp's callbacks and raise_noted() to
+    act on where nothing is half done. On leaving, the way before is back, and a signal noted inside is raised if it
+    would have been at once."""
+    was, Signals.at_once = Signals.at_once, at_once
+    try:
+        yield
+    finally:
+        Signals.at_once = was
+        if was:
+            raise_noted()
+
+
 def progress(what: str, *, total: float, unit: str) -> hub_tqdm:
     """A bar on stderr like the download's, for work of seconds: shown after a second, only at a terminal; erased."""
     return hub_tqdm(total=total, desc=what, unit=unit, unit_scale=unit == "B", leave=False, file=sys.stderr, delay=1,
@@ -1220,18 +1318,15 @@ def file_digest(path: Path, digest: Any = None) -> str:
 def temporary_beside(path: Path) -> Iterator[Path]:
     """A new empty file with a unique name (hidden, ending in .tmp) beside path, gone at the end unless renamed; no
     Ctrl-C can leave it behind: one is only noted inside (and raised at the end where it would have been at once)."""
-    was, Signals.at_once = Signals.at_once, False
     name = ""  # none made yet
-    try:
-        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(descriptor)
-        yield Path(name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):  # renamed, or never made
-            os.unlink(name)
-        Signals.at_once = was
-        if was:
-            raise_noted()
+    with ctrl_c(at_once=False):
+        try:
+            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(descriptor)
+            yield Path(name)
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # renamed, or never made
+                os.unlink(name)
 
 
 def write_whole(path: Path, text: str) -> None:
