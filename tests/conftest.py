@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         built[name] = quantize_q4_k_m(f32, folder / name).read_bytes()
         f32.unlink()
     return built
+
+
+@pytest.fixture(scope="session")
+def model_file(models: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """A crafted model as a file of its own, by name: for llama.cpp's own tokenizer to read (reference.py)."""
+    folder = tmp_path_factory.mktemp("model_files")
+
+    def path(name: str) -> Path:
+        if not (folder / name).exists():
+            (folder / name).write_bytes(models[name])
+        return folder / name
+
+    return path
 
 
 @pytest.fixture(scope="session")

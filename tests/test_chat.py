@@ -9,19 +9,35 @@ import json
 import os
 import pty
 import re
+import resource
 import select
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import NESTED_JSON, PATIENCE, PYTHON, SCRIPT, as_a_user, console, crafted, environment_for, the_error
+from reference import llama_cpp_tokens
+
+from conftest import (NESTED_JSON, PATIENCE, PYTHON, RANDOM, SCRIPT, as_a_user, console, crafted, environment_for,
+                      flags, the_error)
 
 
-def chat(hub, home, lines: list[str], **settings):
-    """Pipe some lines into --chat; return the result (replies on stdout, the rest on stderr)."""
+def chat(hub, home, lines: list[str], *, random_model: bool = False, **settings):
+    """Pipe some lines into --chat; return the result (replies on stdout, the rest on stderr).
+
+    With random_model, the model has random weights (the random_models fixture), so that every reply depends on
+    everything in the cache: a greedy reply then shows whether the conversation was held, restored or evaluated
+    alike (a sampler's random draws would differ by how many replies it drew before).
+    """
     chosen = {"sample_len": 3, **settings}
-    return console(*crafted(prompt=None, **chosen), "--chat", hub=hub, home=home,
-                   stdin="".join(line + "\n" for line in lines).encode())
+    model = [*RANDOM_MODEL, *flags(**{"temperature": 0, **chosen})] if random_model else \
+        crafted(prompt=None, **chosen)
+    return console(*model, "--chat", hub=hub, home=home, stdin="".join(line + "\n" for line in lines).encode())
+
+
+RANDOM_MODEL = ["--model-repo", RANDOM, "--model-file", "two-layers.gguf"]
 
 
 def evaluated(stats_line: str) -> int:
@@ -157,7 +173,7 @@ class Terminal:
         return os.waitstatus_to_exitcode(status)
 
 
-def test_at_a_terminal_ctrl_c_stops_a_reply_and_keeps_the_conversation(hub, warm_home):
+def test_at_a_terminal_ctrl_c_stops_a_reply_and_keeps_the_conversation(hub, warm_home, model_file):
     term = Terminal(hub, warm_home, *crafted(prompt=None, sample_len=3000), "--chat")
     term.read_until(b">>> ")
     term.type(b"hello\r")
@@ -168,8 +184,8 @@ def test_at_a_terminal_ctrl_c_stops_a_reply_and_keeps_the_conversation(hub, warm
     assert words < 3000  # stopped early
     term.type(b"/show\r")
     used = int(re.search(rb"context: (\d+) of", term.read_until(b"tokens used")).group(1))
-    # The 9-token prompt and every word said but the last one, which goes in with the next message.
-    assert used >= 9 + words - 1
+    # The prompt, as llama.cpp would feed it, and every word said but the last one, which goes in with the next message
+    assert used >= len(llama_cpp_tokens(model_file("puck-goal.gguf"), [("user", "hello")])) + words - 1
     term.read_until(b">>> ")
     # A person presses Ctrl-C after the prompt shows. Pressed within microseconds of it, the signal can land
     # between CPython's input() printing the prompt and blocking on the terminal, and wait for the next key.
@@ -215,13 +231,14 @@ def test_the_system_prompt_opens_the_first_message_only(hub, warm_home):
     assert evaluated(stats(system)[1]) == evaluated(stats(plain)[1])  # and only there
 
 
-def test_system_applies_to_one_shot_runs_too(hub, warm_home):
+def test_system_applies_to_one_shot_runs_too(hub, warm_home, random_models):
     from test_settings import prompt_tokens
 
-    plain = console(*crafted(), hub=hub, home=warm_home)
-    system = console(*crafted(system="say puck"), hub=hub, home=warm_home)
+    plain = console(*RANDOM_MODEL, *flags(prompt="hello", seed=5, sample_len=12), hub=hub, home=warm_home)
+    system = console(*RANDOM_MODEL, *flags(prompt="hello", seed=5, sample_len=12, system="say puck"), hub=hub,
+                     home=warm_home)
     assert prompt_tokens(system) > prompt_tokens(plain)
-    assert system.stdout == plain.stdout
+    assert system.stdout != plain.stdout  # the model read it: the same seed draws another reply
 
 
 def test_set_system_starts_the_conversation_over(hub, warm_home):
@@ -255,26 +272,154 @@ def test_save_then_load_in_a_new_process_restores_the_context_without_evaluating
     assert loaded.stdout == going_on.stdout.splitlines(keepends=True)[-1]
 
 
+def test_a_loaded_conversation_replies_as_the_process_that_held_it_would(hub, warm_home, random_models, tmp_path):
+    saved_conversation(hub, warm_home, tmp_path / "talk.json", random_model=True)
+    going_on = chat(hub, warm_home, ["hello", "say something", "hello"], random_model=True)
+    loaded = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "hello", "/stats"], random_model=True)
+    assert "not using" not in loaded.stderr and evaluated(stats(loaded)[0]) < 20  # restored, not evaluated
+    assert loaded.stdout == going_on.stdout.splitlines(keepends=True)[-1]  # random weights: the cache is the same
+    fresh = chat(hub, warm_home, ["hello"], random_model=True)
+    assert fresh.stdout != loaded.stdout  # and it matters: without the conversation, the reply differs
+
+
 def test_load_at_start_takes_the_saved_settings(hub, warm_home, tmp_path):
     saved_conversation(hub, warm_home, tmp_path / "talk.json", temperature=0.5, seed=9)
-    result = console(*crafted(prompt=None), "--load", str(tmp_path / "talk.json"), hub=hub, home=warm_home,
-                     stdin=b"/show\n")
+    untyped = crafted(prompt=None, temperature=None, repeat_penalty=None, sample_len=None)  # the model's flags only
+    result = console(*untyped, "--load", str(tmp_path / "talk.json"), hub=hub, home=warm_home, stdin=b"/show\n")
     assert result.returncode == 0, result.stderr
-    for shown in ("loaded 2 exchange(s)", "temperature = 0.5", "seed = 9"):
+    for shown in ("loaded 2 exchange(s)", "temperature = 0.5", "seed = 9", "sample_len = 3"):
         assert shown in result.stderr
+    assert "replace" not in result.stderr
 
 
-def test_a_damaged_state_is_not_trusted_and_the_conversation_is_evaluated_again(hub, warm_home, tmp_path):
-    saved_conversation(hub, warm_home, tmp_path / "talk.json", repeat_penalty=1.5, temperature=1, seed=3)
-    intact = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "hello", "/stats"], sample_len=40)
+def test_flags_typed_with_load_win_over_the_saved_settings_and_a_note_says_which(hub, warm_home, tmp_path):
+    saved_conversation(hub, warm_home, tmp_path / "talk.json", temperature=0.5, seed=9)
+    typed = crafted(prompt=None, temperature=0, repeat_penalty=None, sample_len=None, seed=9)
+    result = console(*typed, "--load", str(tmp_path / "talk.json"), hub=hub, home=warm_home, stdin=b"/show\n")
+    assert result.returncode == 0, result.stderr
+    assert "temperature = 0.0\n" in result.stderr and "seed = 9" in result.stderr  # /show
+    notes = [line for line in result.stderr.splitlines() if "replace" in line]
+    assert notes == ["note: the flags given replace the saved temperature = 0.5"]  # seed 9 was typed, not changed
+
+
+def test_system_typed_with_load_is_refused_it_would_rewrite_the_first_message(hub, warm_home, tmp_path):
+    saved_conversation(hub, warm_home, tmp_path / "talk.json")
+    result = console(*crafted(prompt=None, system="be brief"), "--load", str(tmp_path / "talk.json"), hub=hub,
+                     home=warm_home)
+    assert "--system cannot change a saved conversation" in the_error(result, code=2)
+
+
+def test_a_chat_shows_the_seed_it_drew_and_that_seed_repeats_the_chat(hub, warm_home, random_models):
+    lines = ["hello", "/show", "say something"]
+    first = chat(hub, warm_home, lines, random_model=True, temperature=1.0, seed=None, sample_len=8)
+    drawn = int(re.search(r"chatting with the model, seed (\d+)", first.stderr)[1])
+    assert f"seed = {drawn}\n" in first.stderr  # /show
+    again = chat(hub, warm_home, lines, random_model=True, temperature=1.0, seed=drawn, sample_len=8)
+    assert again.stdout == first.stdout and len(first.stdout.splitlines()) == 2
+    other = chat(hub, warm_home, lines, random_model=True, temperature=1.0, seed=None, sample_len=8)
+    assert f"seed {drawn}:" not in other.stderr  # a new one each chat
+
+
+def test_a_file_saved_before_a_setting_existed_loads_with_its_default(hub, warm_home, tmp_path):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path, top_p=0.5)
+    record = json.loads(path.read_text())
+    del record["settings"]["top_p"]  # as a file from a version without it
+    path.write_text(json.dumps(record))
+    result = chat(hub, warm_home, [f"/load {path}", "/show", "hello"])
+    assert result.returncode == 0 and "error" not in result.stderr, result.stderr
+    assert "loaded 2 exchange(s)" in result.stderr and "top_p = None" in result.stderr
+    assert result.stdout == b"puck puck puck\n"
+
+
+def test_input_that_ends_inside_a_block_sends_the_block(hub, warm_home):
+    result = chat(hub, warm_home, ["hello", '"""', "say", "something"])  # no closing """
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"puck puck puck\npuck puck puck\n"
+
+
+def test_load_of_an_endless_or_huge_file_is_refused_at_once_and_the_chat_goes_on(hub, warm_home, tmp_path):
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as f:  # valid JSON: only its size is wrong
+        f.write(b'{"format": "phi-console conversation 1", "padding": "')
+        f.write(b"x" * (100 << 20))
+        f.write(b'"}')
+    process = subprocess.Popen([PYTHON, str(SCRIPT), *crafted(prompt=None, sample_len=3), "--chat"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=environment_for(hub, warm_home), preexec_fn=capped)
+    lines = Lines(process)
+    process.stdin.write(b"hello\n")
+    process.stdin.flush()
+    lines.wait_for("out", b"puck puck puck")
+    before = peak_memory(process.pid)
+    for name in ("/dev/zero", str(huge)):
+        process.stdin.write(f"/load {name}\n".encode())
+        process.stdin.flush()
+        sent = time.monotonic()
+        lines.wait_for("err", f"error: cannot load {name}".encode())
+        assert time.monotonic() - sent < 1.0
+    grown = peak_memory(process.pid) - before
+    process.stdin.write(b"say something\n")
+    process.stdin.close()
+    assert process.wait(timeout=PATIENCE) == 0
+    lines.close()
+    assert grown < 30 << 20  # far less than the 100 MB file
+    assert bytes(lines.out) == b"puck puck puck\npuck puck puck\n"  # the chat went on, its conversation whole
+
+
+def capped() -> None:
+    """As a user runs it, with at most 4 GiB of address space: a script that read /dev/zero whole fails, not the
+    machine."""
+    as_a_user()
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def peak_memory(pid: int) -> int:
+    """The most memory a process has held so far (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
+
+
+class Lines:
+    """What a running process writes to stdout and stderr, read as it comes."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.out, self.err = process, bytearray(), bytearray()
+        self.readers = [threading.Thread(target=self.read, args=(stream, into), daemon=True)
+                        for stream, into in ((process.stdout, self.out), (process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def read(stream, into: bytearray) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            into.extend(chunk)
+
+    def wait_for(self, where: str, what: bytes) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while what not in getattr(self, where):
+            assert time.monotonic() < deadline and self.process.poll() is None, bytes(self.err[-2000:])
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.join(timeout=PATIENCE)
+
+
+def test_a_damaged_state_is_not_trusted_and_the_conversation_is_evaluated_again(hub, warm_home, random_models,
+                                                                                tmp_path):
+    saved_conversation(hub, warm_home, tmp_path / "talk.json", random_model=True)
+    intact = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "hello", "/stats"], random_model=True,
+                  sample_len=40)
     state = tmp_path / "talk.json.state"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
-    damaged = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "/show", "hello", "/stats"], sample_len=40)
+    damaged = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "/show", "hello", "/stats"],
+                   random_model=True, sample_len=40)
     assert damaged.returncode == 0, damaged.stderr
     assert "not using talk.json.state" in damaged.stderr and "evaluating the conversation again" in damaged.stderr
-    assert damaged.stdout == intact.stdout  # the same cache, so the same reply for the same seed
+    assert damaged.stdout == intact.stdout  # random weights: only the same cache gives the same reply
     assert evaluated(stats(damaged)[0]) > evaluated(stats(intact)[0])  # the history was evaluated again
 
 
@@ -367,12 +512,14 @@ def test_at_a_terminal_a_triple_quoted_block_is_one_message(hub, warm_home):
     assert shown.count(b"puck puck") == 1
 
 
-def test_at_a_terminal_a_pasted_block_is_one_message(hub, warm_home):
+def test_at_a_terminal_a_pasted_block_is_one_message(hub, warm_home, model_file):
     # Terminals wrap a paste in ESC[200~ ... ESC[201~; readline then takes its line breaks as text.
     shown = replies_at_a_terminal(hub, warm_home, [b"\x1b[200~hello\rworld\rsay something\x1b[201~", b"\r"])
     assert shown.count(b"puck puck") == 1
-    # All three lines went in: "hello" alone is 9 tokens with the chat markers (see the Ctrl-C test above).
-    assert int(re.search(rb"(\d+) prompt tokens evaluated", shown).group(1)) >= 9 + 4
+    # All three lines went in, as llama.cpp would feed them
+    pasted = [("user", "hello\nworld\nsay something")]
+    assert int(re.search(rb"(\d+) prompt tokens evaluated", shown).group(1)) == len(
+        llama_cpp_tokens(model_file("puck-goal.gguf"), pasted))
 
 
 def test_a_full_context_keeps_the_exchange_that_carries_the_system_prompt(hub, warm_home, tmp_path):

@@ -94,11 +94,14 @@ def partial_files(home: Path) -> list[Path]:
     return list((home / "hub").rglob("*.partial"))
 
 
-def wait_for_partial_file(home: Path, at_least: int, timeout: float = PATIENCE) -> None:
+def wait_for_partial_file(home: Path, at_least: int, timeout: float = PATIENCE) -> list[int]:
+    """Wait until a partial file holds `at_least` bytes; every size it was seen at on the way."""
     deadline = time.monotonic() + timeout
+    seen = []
     while time.monotonic() < deadline:
-        if any(p.stat().st_size >= at_least for p in partial_files(home) if p.exists()):
-            return
+        seen += [p.stat().st_size for p in partial_files(home) if p.exists()]
+        if seen and seen[-1] >= at_least:
+            return seen
         time.sleep(0.02)
     raise AssertionError("the download never started")
 
@@ -110,15 +113,16 @@ def served_model(hub) -> bytes:
 CHUNK = 1 << 20  # what the script writes at a time: a stopped run loses at most this much of what it received
 
 
-def stop_download(hub, home: Path, at: int, signum: int) -> tuple[int, str]:
-    """Start a first run on a slow hub, stop it once `at` bytes of the model are on disk; its exit code and stderr."""
+def stop_download(hub, home: Path, at: int, signum: int) -> tuple[int, str, list[int]]:
+    """Start a first run on a slow hub, stop it once `at` bytes of the model are on disk; its exit code and stderr,
+    and the sizes its partial file was seen at."""
     with hub.faults(throttle=4 << 20):  # the 12 MB model takes about 3 s
         process = start_download(hub, home)
-        wait_for_partial_file(home, at)
+        seen = wait_for_partial_file(home, at)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=PATIENCE)
     settle(hub)
-    return process.returncode, stderr.decode("utf-8", "replace")
+    return process.returncode, stderr.decode("utf-8", "replace"), seen
 
 
 def settle(hub) -> None:
@@ -144,15 +148,17 @@ def resumes(hub, home: Path) -> None:
 
 @pytest.mark.parametrize("killed_at", [1, 1 << 20, 9 << 20])
 def test_a_download_killed_at_any_moment_is_resumed_by_the_next_run(hub, tmp_path, killed_at):
-    code, _ = stop_download(hub, tmp_path, killed_at, signal.SIGKILL)  # no chance to clean up, like a power cut
+    code, _, seen = stop_download(hub, tmp_path, killed_at, signal.SIGKILL)  # no chance to clean up, a power cut
     assert code == -signal.SIGKILL
-    assert sum(p.stat().st_size for p in partial_files(tmp_path)) >= killed_at - CHUNK
+    # What arrived reached the disk a CHUNK at a time (watched every 20 ms at 4 MB/s), so a stop loses at most that
+    grew = sorted(set([0, *seen]))
+    assert max(b - a for a, b in zip(grew, grew[1:])) <= CHUNK
     resumes(hub, tmp_path)
 
 
 @pytest.mark.parametrize("stopped_at", [1, 6 << 20])
 def test_ctrl_c_during_a_download_exits_130_and_the_next_run_resumes(hub, tmp_path, stopped_at):
-    code, stderr = stop_download(hub, tmp_path, stopped_at, signal.SIGINT)
+    code, stderr, _ = stop_download(hub, tmp_path, stopped_at, signal.SIGINT)
     assert code == 130 and "Traceback" not in stderr
     assert len(partial_files(tmp_path)) == 1
     resumes(hub, tmp_path)
