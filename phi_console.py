@@ -301,7 +301,7 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool
             errors.append(message.strip())
         nodes = re.search(r"graph: nodes = (\d+)", message)  # each new context logs the size of a batch's graph
         if nodes:
-            prompt_bar.graph_nodes = int(nodes[1])  # type: ignore[attr-defined]
+            GraphSize.nodes = int(nodes[1])
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
     load_model.keep_alive = on_log  # type: ignore[attr-defined]  # llama.cpp holds a raw pointer to it
@@ -1251,12 +1251,19 @@ def raise_noted() -> None:
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
+class GraphSize:
+    """The nodes of a batch's graph, as llama.cpp logs it for each new context: the prompt bar's measure of the first
+    batch. The abort callback skips the graph's views, so that bar lags, then catches up when the batch ends."""
+
+    nodes = 0
+
+
 @contextlib.contextmanager
 def prompt_bar(ctx: llama_cpp.llama_context_p, *, total: int) -> Iterator[Callable[[int, int], None]]:
     """A bar over a prompt's tokens that moves within each batch too, from the graph nodes llama.cpp has computed
     (it calls back after each; the first batch is measured against the graph's size as llama.cpp logged it); the
     callback also stops a batch on Ctrl-C. Yields next_batch(start, length), to call before each batch."""
-    counted = {"nodes": 0, "per_batch": getattr(prompt_bar, "graph_nodes", 0), "start": 0, "length": 0}
+    counted = {"nodes": 0, "per_batch": GraphSize.nodes, "start": 0, "length": 0}
     with progress("prompt", total=total, unit="tok") as bar:
 
         def after_node(data: ctypes.c_void_p) -> bool:  # llama.cpp asks this after every graph node; True stops it
