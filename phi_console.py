@@ -346,14 +346,6 @@ def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_c
             fail(f"tokenizer.json gives {name} the id {specials[name]}, but the GGUF has {text!r} there: {apart}")
 
 
-def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
-    """What a saved KV state depends on: the model's bytes (its file is named by its hash), the build, the layout."""
-    blob = os.path.realpath(model_path)
-    build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers,
-            "repack": repack}
-
-
 def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
                 gpu: bool) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
     """A context of n_ctx tokens, and the settings of it that change the numbers it computes: the cache's size as
@@ -395,12 +387,6 @@ def user_turn(vocab: llama_cpp.llama_vocab_p, text: str, specials: dict[str, int
     text = f"{system}\n\n{text}" if system else text
     return [specials["<|user|>"], *tokenize(vocab, text.lstrip(C_WHITESPACE), add_bos=False), specials["<|end|>"],
             specials["<|assistant|>"]]
-
-
-def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
-    """--verbose: the tokens about to be evaluated, ids and pieces, as llama.cpp's simple example shows its prompt."""
-    pieces = [token_bytes(vocab, token, special=True).decode("utf-8", "replace") for token in tokens]
-    sys.stderr.write(f"prompt: {len(tokens)} tokens {tokens}\npieces: {pieces}\n")
 
 
 def evaluate(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
@@ -788,6 +774,14 @@ def origin(url: str) -> tuple[str, str, int | None]:
 # is written under a unique temporary name; renaming it, writing its record and deleting happen under one lock.
 PROMPT_RECORD = {"facts": dict, "tokens": [int], "sha256": str}  # a NAME.json, as shape_problem reads it
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
+
+
+def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
+    """What a saved KV state depends on: the model's bytes (its file is named by its hash), the build, the layout."""
+    blob = os.path.realpath(model_path)
+    build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers,
+            "repack": repack}
 
 
 @contextlib.contextmanager
@@ -1249,6 +1243,12 @@ def raise_noted() -> None:
     Signals.noted.clear()
     Signals.at_once = False
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
+    """--verbose: the tokens about to be evaluated, ids and pieces, as llama.cpp's simple example shows its prompt."""
+    pieces = [token_bytes(vocab, token, special=True).decode("utf-8", "replace") for token in tokens]
+    sys.stderr.write(f"prompt: {len(tokens)} tokens {tokens}\npieces: {pieces}\n")
 
 
 @contextlib.contextmanager
