@@ -233,9 +233,11 @@ def read_value(name: str, text: str) -> object:
 
 
 def read_prompt(prompt: str | None, *, default: object) -> str:
-    """`-` reads stdin; so does a pipe or a file on stdin when -p was not given."""
-    if prompt == "-" or (prompt is None and stdin_is_piped()):
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+    """`-` reads stdin; so does a pipe or a file on stdin without -p; with -p TEXT, it is a document TEXT is about."""
+    if prompt == "-" or stdin_is_piped():
+        document = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+        # The document before the instruction: another instruction over it reuses its evaluated start (Saved prompts)
+        prompt = document if prompt in ("-", None) else f"{document}\n\n{prompt}".lstrip()
     if prompt is None:
         prompt = default
     wrong = problem("prompt", prompt)
