@@ -29,6 +29,7 @@ Then the machinery that makes it robust and fast, each part entered by one call 
   Download (machinery)  fetch_files(): every file checked against the hub's hash, a stopped download resumed
   Saved prompts         reusing_prompt(): a rerun restores its evaluated prompt instead of evaluating it again
   Chat                  chat(): a conversation kept in the KV cache; /save and /load (read_saved() checks --load)
+  Answers               grammar_sampler(), sample(), StopStrings: replies that fit a schema, stop strings
   Helpers               Ctrl-C noted until it is safe to act, progress bars, files written whole, run()
 """
 from __future__ import annotations
@@ -59,6 +60,7 @@ from typing import Any, NamedTuple, NoReturn
 
 try:
     import llama_cpp
+    import numpy as np  # llama-cpp-python's own dependency: the token arrays a grammar is applied to
     from huggingface_hub import constants as hub_constants, errors as hub_errors
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get, repo_folder_name
@@ -81,6 +83,9 @@ TOP_P = None  # None = off; else 0 < p <= 1: draw only from the likeliest tokens
 REPEAT_PENALTY = 1.2  # > 0; 1.0 = off, > 1.0 makes tokens the reply has already used less likely
 REPEAT_LAST_N = 64  # 0 .. 65536; how many of the reply's latest tokens the penalty looks at, 0 = none
 SAMPLE_LEN = 100  # >= 1; the most tokens to generate
+STOP = []  # texts that end the reply just before the first of them; no byte of one is ever printed
+JSON_SCHEMA = None  # None, or a JSON Schema (as text): the reply is JSON that fits it
+GRAMMAR = None  # None, or a GBNF grammar file (llama.cpp's format): the reply follows it
 SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
 CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
 CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
@@ -118,6 +123,12 @@ SETTINGS: dict[str, Setting] = {
     "repeat_last_n": Setting(int, False, lambda n: 0 <= n <= 65536, "an integer in 0..65536",
                              "how many of the reply's latest tokens the penalty looks at; 0 = none"),
     "sample_len": Setting(int, False, lambda n: n >= 1, "an integer >= 1", "the most tokens to generate"),
+    "stop": Setting(list, False, lambda texts: all(isinstance(t, str) and t != "" for t in texts), "non-empty "
+                    "texts: one, a JSON list, or none", "the reply ends just before any; repeat --stop for more"),
+    "json_schema": Setting(str, True, lambda s: s.strip() != "", "JSON, or none", "the reply is JSON that fits this "
+                           "JSON Schema (\"$(cat schema.json)\" reads a file); none = off"),
+    "grammar": Setting(str, True, lambda s: s.strip() != "", "a file, or none", "the reply follows this file's GBNF "
+                       "grammar (llama.cpp's format); none = off"),
     "seed": Setting(int, True, lambda n: 0 <= n <= MAX_SEED, "an integer in 0..4294967294, or none",
                     "the same seed repeats a run exactly; none = random, printed at the end"),
     "chat": Setting(bool, False, lambda b: True, "True or False", "talk at a '>>> ' prompt (/help there)"),
@@ -139,7 +150,8 @@ SETTINGS: dict[str, Setting] = {
                                   "revision of the tokenizer's repo"),
 }
 DEFAULTS = {name: globals()[name.upper()] for name in SETTINGS}  # each setting's constant, by its name
-CHAT_SETTINGS = ("system", "temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed")
+CHAT_SETTINGS = ("system", "temperature", "top_p", "repeat_penalty", "repeat_last_n", "sample_len", "seed", "stop",
+                 "json_schema", "grammar")
 
 TOKENIZER_MAX_BYTES = 64 * 2**20  # Phi-3's is a few MB; a bigger file is refused rather than parsed into memory
 CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>", "<|endoftext|>")  # tokens the chat format uses
@@ -179,7 +191,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         else:
             parser.add_argument(*flags, type=functools.partial(read_value, name),
                                 metavar={int: "N", float: "X"}.get(setting.kind, "TEXT"), default=argparse.SUPPRESS,
-                                help=shown)
+                                help=shown, action="extend" if setting.kind is list else "store")
     parser.add_argument("--load", metavar="FILE", help="continue a conversation saved with /save (implies --chat)")
     parser.add_argument("-q", "--quiet", action="store_true", help="stderr shows errors only")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
@@ -195,6 +207,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
         settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
+    llama_cpp.llama_sampler_free(grammar_sampler(None, vars(settings)))  # parsed now: a GrammarError ends in run()
     return settings
 
 
@@ -221,6 +234,8 @@ def read_value(name: str, text: str) -> object:
         value: object = None
     elif setting.kind is str:
         value = text
+    elif setting.kind is list:
+        value = read_texts(text)
     else:
         try:
             value = setting.kind(text)
@@ -233,9 +248,11 @@ def read_value(name: str, text: str) -> object:
 
 
 def read_prompt(prompt: str | None, *, default: object) -> str:
-    """`-` reads stdin; so does a pipe or a file on stdin when -p was not given."""
-    if prompt == "-" or (prompt is None and stdin_is_piped()):
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+    """`-` reads stdin; so does a pipe or a file on stdin without -p; with -p TEXT, it is a document TEXT is about."""
+    if prompt == "-" or stdin_is_piped():
+        document = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+        # The document before the instruction: another instruction over it reuses its evaluated start (Saved prompts)
+        prompt = document if prompt in ("-", None) else f"{document}\n\n{prompt}".lstrip()
     if prompt is None:
         prompt = default
     wrong = problem("prompt", prompt)
@@ -346,14 +363,6 @@ def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_c
             fail(f"tokenizer.json gives {name} the id {specials[name]}, but the GGUF has {text!r} there: {apart}")
 
 
-def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
-    """What a saved KV state depends on: the model's bytes (its file is named by its hash), the build, the layout."""
-    blob = os.path.realpath(model_path)
-    build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers,
-            "repack": repack}
-
-
 def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
                 gpu: bool) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
     """A context of n_ctx tokens, and the settings of it that change the numbers it computes: the cache's size as
@@ -395,12 +404,6 @@ def user_turn(vocab: llama_cpp.llama_vocab_p, text: str, specials: dict[str, int
     text = f"{system}\n\n{text}" if system else text
     return [specials["<|user|>"], *tokenize(vocab, text.lstrip(C_WHITESPACE), add_bos=False), specials["<|end|>"],
             specials["<|assistant|>"]]
-
-
-def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
-    """--verbose: the tokens about to be evaluated, ids and pieces, as llama.cpp's simple example shows its prompt."""
-    pieces = [token_bytes(vocab, token, special=True).decode("utf-8", "replace") for token in tokens]
-    sys.stderr.write(f"prompt: {len(tokens)} tokens {tokens}\npieces: {pieces}\n")
 
 
 def evaluate(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
@@ -466,22 +469,23 @@ def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool = Fal
         size = -n  # too small: llama.cpp says how many bytes it needs
 
 
-def generate(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p, stop_ids: set[int],
-             hidden_ids: set[int], sample_len: int) -> Iterator[tuple[int, str]]:
+def generate(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p,
+             grammar: llama_cpp.llama_sampler_p | None, stops: StopStrings, stop_ids: set[int], hidden_ids: set[int],
+             sample_len: int) -> Iterator[tuple[int, str]]:
     """The token loop, once the prompt is evaluated: sample, stop?, print, decode. Yields each token and the text it
-    adds ("" mid-character, or for a hidden special token); a token that ends the reply is yielded with no text."""
+    adds ("" mid-character, for a hidden special token, or while it may begin a stop string, which ends the reply)."""
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for index in range(sample_len):
-        token = llama_cpp.llama_sampler_sample(sampler, ctx, -1)  # sample (and record it for the penalty)
+        token = sample(ctx, sampler=sampler, grammar=grammar)  # sample (recorded for the penalty and the grammar)
         if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):  # stop?
-            yield token, utf8.decode(b"", final=True)
+            yield token, stops.feed(utf8.decode(b"", final=True), final=True)
             return
         raise_noted()  # Ctrl-C stops the reply here, before one more token is printed
         last = index == sample_len - 1
         data = b"" if token in hidden_ids else token_bytes(vocab, token, first=index == 0)
-        yield token, utf8.decode(data, final=last)  # print
-        if last:
+        yield token, stops.feed(utf8.decode(data, final=last), final=last)  # print
+        if last or stops.found:
             return
         one = token_array([token])  # decode: the token goes into the cache, and its logits are the next step's
         if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
@@ -514,6 +518,7 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials, system=sampling["system"])
     sample_len = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet)
     loaded = time.perf_counter()
+    grammar, stops = grammar_sampler(vocab, sampling), StopStrings(sampling["stop"])  # checked before the prompt
     ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), **context)  # no more than it needs
     seed, stamps, restored = draw_seed(sampling["seed"]), [], 0  # stamps: when each token of the reply came
     if verbose:
@@ -524,15 +529,15 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
                             quiet=quiet) as restored:
             evaluate(ctx, tokens[restored:-1])  # the penalty's window never sees the prompt: it is not the sampler's
             evaluate(ctx, tokens[-1:])
-            show(generate(ctx, sampler=make_sampler(vocab, sampling, seed=seed, window=[]), sample_len=sample_len,
-                          stop_ids={specials[s] for s in STOP_TOKENS}, hidden_ids=set(specials.values())),
-                 tokens=[], stamps=stamps)
+            show(generate(ctx, sampler=make_sampler(vocab, sampling, seed=seed, window=[]), grammar=grammar,
+                          stops=stops, sample_len=sample_len, stop_ids={specials[s] for s in STOP_TOKENS},
+                          hidden_ids=set(specials.values())), tokens=[], stamps=stamps)
     finally:  # also when Ctrl-C stopped it: the seed repeats the run
         if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
             llama_cpp.llama_perf_context_print(ctx)
         note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded, stamps=stamps,
                     seed=seed), quiet=quiet)
-    return 0
+    return finished(grammar, vocab, cut=stops.found, room=sample_len, asked=sampling["sample_len"])
 
 
 def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool) -> int:
@@ -790,6 +795,14 @@ PROMPT_RECORD = {"facts": dict, "tokens": [int], "sha256": str}  # a NAME.json, 
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
 
 
+def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
+    """What a saved KV state depends on: the model's bytes (its file is named by its hash), the build, the layout."""
+    blob = os.path.realpath(model_path)
+    build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers,
+            "repack": repack}
+
+
 @contextlib.contextmanager
 def reusing_prompt(ctx: llama_cpp.llama_context_p, held: list[int], facts: dict[str, Any], *, folder: Path,
                    limit: float, quiet: bool) -> Iterator[int]:
@@ -1039,9 +1052,12 @@ class Conversation:
         if name not in CHAT_SETTINGS:
             raise ValueError(f"/set takes one of {', '.join(CHAT_SETTINGS)} (got {name!r})")
         try:
-            self.settings[name] = read_value(name, text)
+            value = read_value(name, text)
         except argparse.ArgumentTypeError as wrong:
             raise ValueError(f"{name} {wrong}") from None
+        # A schema or grammar that cannot be used is refused now, not at every reply after it
+        llama_cpp.llama_sampler_free(grammar_sampler(self.vocab, {**self.settings, name: value}))
+        self.settings[name] = value
         if name == "system":  # it belongs at the start of the conversation, so the conversation starts over
             return f"{name} = {self.settings[name]!r}; {self.reset()}"
         self.new_sampler()
@@ -1074,6 +1090,7 @@ class Conversation:
     def answer(self, text: str) -> None:
         """Reply to a message on stdout. Ctrl-C stops the reply; what was said stays said."""
         turn = user_turn(self.vocab, text, self.specials, system=None if self.tokens else self.settings["system"])
+        grammar, stops = grammar_sampler(self.vocab, self.settings), StopStrings(self.settings["stop"])
         if not self.make_room(len(turn)):
             raise ValueError(f"that message is {len(turn)} tokens and the context holds {self.n_ctx}; send a shorter "
                              "one (or /reset, or start with a larger --ctx)")
@@ -1088,7 +1105,7 @@ class Conversation:
             show_tokens(self.vocab, prompt)
         try:
             evaluate(self.ctx, prompt)
-            show(generate(self.ctx, sampler=self.sampler, stop_ids=self.stop_ids,
+            show(generate(self.ctx, sampler=self.sampler, grammar=grammar, stops=stops, stop_ids=self.stop_ids,
                           hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled, stamps=stamps,
                  text=said)
         except KeyboardInterrupt:
@@ -1097,19 +1114,28 @@ class Conversation:
                 note("(stopped before the reply began: that message is forgotten)", quiet=self.quiet)
                 return
             note("(stopped)", quiet=self.quiet)
-        self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said))
+        self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said), cut=stops.found)
+        finished(grammar, self.vocab, cut=stops.found, room=room, asked=self.settings["sample_len"])
+        llama_cpp.llama_sampler_free(grammar)
         evaluated = llama_cpp.llama_perf_context(self.ctx).n_p_eval
         waited = stamps[0] - asked if stamps else 0.0  # until the first token
         rate = speed(len(sampled) - 1, stamps[-1] - stamps[0]) if stamps else speed(0, 0)
         self.stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after {waited:.2f} s | "
                       f"{len(sampled)} tokens, {rate} | context {len(self.tokens)} of {self.n_ctx} tokens")
 
-    def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str) -> None:
+    def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str,
+               cut: bool) -> None:
         """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
         self.exchanges.append(len(self.tokens) + len(prompt) - turn)
         kept = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
         ended = bool(sampled) and sampled[-1] in self.stop_ids  # never evaluated; the format's own end follows
-        everything = self.tokens + prompt + (sampled[:-1] if ended else sampled)
+        said = sampled[:-1] if ended else sampled
+        if cut:  # A stop string ended the reply, perhaps mid-token or across tokens, so the tokens drawn are not what
+            # was printed: the printed reply, tokenized again, goes in with the next message (simpler than finding the
+            # token the cut fell in and tokenizing only the rest of it, for a few more tokens to evaluate)
+            said, kept = tokenize(self.vocab, reply, add_bos=False) if reply else [], len(self.tokens) + len(prompt)
+            llama_cpp.llama_memory_seq_rm(self.memory, 0, kept, -1)
+        everything = self.tokens + prompt + said
         self.tokens, self.pending = everything[:kept], everything[kept:] + self.reply_end
         self.replies += sampled
         self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
@@ -1226,6 +1252,121 @@ def tokens_problem(context: dict[str, Any], *, n_vocab: int | None) -> str | Non
     return None
 
 
+# --- Answers (machinery): replies a program can use: a grammar or JSON schema they follow, stop strings ---------------
+GRAMMAR_MAX_BYTES = 2**20  # far more than any grammar; a longer file (or /dev/zero) is refused, not read whole
+INCOMPLETE = 3  # exit status of a reply cut short before its grammar was complete, so that a script notices
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama.cpp's llama_token_data
+
+
+class GrammarError(ValueError):
+    """A JSON schema or grammar that cannot shape a reply: one line, and exit 2 (run()) unless in a chat."""
+
+
+def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any]) -> llama_cpp.llama_sampler_p:
+    """llama.cpp's grammar sampler for JSON_SCHEMA (as llama-cpp-python's converter writes it) or GRAMMAR's file; None
+    for neither. Without a vocabulary the grammar is only parsed, and one that names tokens (<|end|>) waits for it."""
+    schema, path = settings["json_schema"], settings["grammar"]
+    if schema is not None and path is not None:
+        raise GrammarError("a JSON schema and a grammar file are both set; set one of them to none")
+    what = "the JSON schema" if schema is not None else f"the grammar file {path}"
+    try:
+        if schema is not None:
+            text = llama_cpp.llama_grammar.json_schema_to_gbnf(schema)
+        elif path is not None:
+            with open(path, "rb") as f:
+                text = f.read(GRAMMAR_MAX_BYTES + 1).decode("utf-8")
+            if len(text) > GRAMMAR_MAX_BYTES:
+                raise ValueError(f"more than {GRAMMAR_MAX_BYTES} bytes")
+        else:
+            return None
+    except Exception as error:  # the converter raises what it meets: AssertionError for an unknown type, ...
+        detail = getattr(error, "strerror", None) or error
+        raise GrammarError(f"{what} cannot be used ({type(error).__name__}: {detail})") from None
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as said:  # llama.cpp's parser writes why a grammar does not parse to stderr
+        os.dup2(said.fileno(), 2)
+        try:
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root") if text.strip() else None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        lines = said.read().decode("utf-8", "replace").splitlines()
+    reason = next((line.split("parsing grammar: ")[-1] for line in lines if line.strip()), "it is empty")
+    if not grammar and (vocab or not reason.startswith("no vocab")):
+        raise GrammarError(f"{what} does not parse ({reason})")
+    return grammar
+
+
+def sample(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p,
+           grammar: llama_cpp.llama_sampler_p | None, index: int = -1) -> int:
+    """The next token from the logits of the batch's token `index`. With a grammar, as llama.cpp's own sampling loop
+    (common/sampling.cpp): the chain draws, the grammar checks that token alone, and only if it refuses it is the draw
+    made again with the grammar applied to every token first (the costly step). The penalty sees the token once."""
+    if grammar is None:
+        return llama_cpp.llama_sampler_sample(sampler, ctx, index)  # llama.cpp draws and accepts in one call
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx)))
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+    token = draw([sampler], np.arange(n_vocab), logits)[0]
+    if math.isinf(draw([grammar], np.array([token]), np.zeros(1))[1]):  # refused
+        token = draw([grammar, sampler], np.arange(n_vocab), logits)[0]
+    llama_cpp.llama_sampler_accept(grammar, token)
+    llama_cpp.llama_sampler_accept(sampler, token)
+    return token
+
+
+def draw(samplers: list[llama_cpp.llama_sampler_p], ids: np.ndarray, logits: np.ndarray) -> tuple[int, float]:
+    """Samplers applied in turn to tokens and their logits, as llama_sampler_sample applies its chain: the token they
+    selected (the first if none did) and its logit after them (-inf where a grammar refuses it)."""
+    data = np.empty(len(ids), dtype=TOKEN_DATA)
+    data["id"], data["logit"], data["p"] = ids, logits, 0.0
+    array = llama_cpp.llama_token_data_array(data.ctypes.data_as(llama_cpp.llama_token_data_p), len(data), -1, False)
+    for sampler in samplers:
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    return array.data[max(array.selected, 0)].id, array.data[max(array.selected, 0)].logit
+
+
+def finished(grammar: llama_cpp.llama_sampler_p | None, vocab: llama_cpp.llama_vocab_p, *, cut: bool, room: int,
+             asked: int) -> int:
+    """0, or INCOMPLETE and one line if the reply stopped before its grammar was complete: a grammar allows the end of
+    generation only when it is, so asking it whether it would now is the test, however the reply ended."""
+    eos = np.array([llama_cpp.llama_vocab_eos(vocab)])
+    if grammar is None or (not cut and math.isfinite(draw([grammar], eos, np.zeros(1))[1])):
+        return 0
+    more = "--sample-len" if room == asked else "--ctx (or shorten the prompt)"
+    why = "a stop string ended it" if cut else f"its {room} tokens ended"
+    sys.stderr.write(f"error: the reply is incomplete: {why} before its grammar was complete"
+                     + ("\n" if cut else f"; raise {more}\n"))
+    return INCOMPLETE
+
+
+class StopStrings:
+    """A reply's text as it may be printed: feed() takes each piece and returns what can no longer be part of a stop
+    string, holding back an end that could still begin one; from the first stop string on, nothing (`found`)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.held, self.found = stops, "", False
+
+    def feed(self, piece: str, *, final: bool = False) -> str:  # final: the reply's last piece, which releases all
+        text, self.held = self.held + piece, ""
+        starts = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        if starts or self.found:
+            self.found = True
+            return text[:min(starts, default=0)]
+        if not final:  # the longest end of the text that begins a stop string
+            self.held = max((text[-n:] for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])),
+                            key=len, default="")
+        return text[:len(text) - len(self.held)]
+
+
+def read_texts(text: str) -> object:
+    """A list setting typed: a JSON list is its items ('["\\n\\n", "Q:"]'), 'none' no items, anything else one text."""
+    with contextlib.suppress(ValueError, RecursionError):
+        if isinstance(items := json.loads(text), list):
+            return items  # problem() checks that each is text
+    return [] if text.strip().lower() == "none" else [text]
+
+
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
 class Signals:
     """Ctrl-C and SIGTERM, as on_signal takes them for the whole run, in the main thread whichever thread the kernel
@@ -1249,6 +1390,12 @@ def raise_noted() -> None:
     Signals.noted.clear()
     Signals.at_once = False
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
+    """--verbose: the tokens about to be evaluated, ids and pieces, as llama.cpp's simple example shows its prompt."""
+    pieces = [token_bytes(vocab, token, special=True).decode("utf-8", "replace") for token in tokens]
+    sys.stderr.write(f"prompt: {len(tokens)} tokens {tokens}\npieces: {pieces}\n")
 
 
 class GraphSize:
@@ -1383,7 +1530,8 @@ def physical_cores() -> int:
 
 
 def run() -> None:
-    """Exit codes: 0 done, 1 fault, 2 bad setting, 130 Ctrl-C, 143 SIGTERM; a closed stdout ends quietly."""
+    """Exit codes: 0 done, 1 fault, 2 bad setting, 3 reply short of its grammar's end, 130 Ctrl-C, 143 SIGTERM; a
+    closed stdout ends quietly."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
             signal.signal(signum, on_signal)
@@ -1391,6 +1539,8 @@ def run() -> None:
         sys.exit(main())
     except KeyboardInterrupt:
         sys.exit(130)
+    except GrammarError as wrong:  # a JSON schema or grammar that cannot be used: before the download where it can
+        fail(str(wrong), code=2)
     except BrokenPipeError:  # `| head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)

@@ -86,11 +86,6 @@ def test_dash_reads_the_prompt_from_stdin(hub, warm_home):
     assert prompt_tokens(dashed) == prompt_tokens(console(*crafted(prompt=LONG), hub=hub, home=warm_home))
 
 
-def test_an_explicit_prompt_wins_over_a_pipe(hub, warm_home):
-    result = console(*crafted(), hub=hub, home=warm_home, stdin=LONG.encode())
-    assert prompt_tokens(result) == prompt_tokens(console(*crafted(), hub=hub, home=warm_home))
-
-
 def test_an_empty_prompt_from_stdin_is_refused(tmp_path):
     result = console("-p", "-", hub=None, home=tmp_path, stdin=b"  \n")
     assert result.returncode == 2 and "prompt is empty" in result.stderr

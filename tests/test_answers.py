@@ -1,0 +1,219 @@
+"""Answers a program can use: a document piped in with an instruction, replies that follow a JSON schema or a grammar,
+and stop strings.
+
+Grammars are checked on two kinds of model: random weights, which say anything at all, so only the grammar can make
+their replies parse; and the crafted puck-goal model, whose greedy reply is known ("puck puck puck"), so that what a
+grammar or a stop string changes in it is known to the token.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from conftest import RANDOM, console, crafted, flags, the_error
+from phi3_models import token_id
+
+ENUM_AND_BOOLEAN = json.dumps({"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                                                "ok": {"type": "boolean"}},
+                               "required": ["color", "ok"], "additionalProperties": False})
+WORDS = 'root ::= word (" " word){2,4}\nword ::= "hello" | "world" | "ice"\n'  # GBNF: three to five of these words
+GOAL_GOAL_PUCK = 'root ::= " goal" " goal" " puck"\n'  # what the token pieces must spell: "▁goal" reads " goal"
+DOCUMENT = " ".join(["hello world"] * 480)  # about 960 tokens: more than one 512-token batch
+
+
+def random_model(**settings: object) -> list[str]:
+    chosen = {"temperature": 1.0, "sample_len": 40, "prompt": "say something", **settings}
+    return ["--model-repo", RANDOM, "--model-file", "two-layers.gguf", *flags(**chosen)]
+
+
+@pytest.fixture
+def random_home(hub, random_models, tmp_path_factory):
+    """A cache that holds the random models and no saved prompt."""
+    home = tmp_path_factory.getbasetemp() / "answers_home"
+    if not home.exists():
+        assert console(*random_model(sample_len=1, prompt_cache_gb=0), hub=hub, home=home).returncode == 0
+    shutil.rmtree(home / "phi-console" / "prompts", ignore_errors=True)
+    return home
+
+
+def fed_tokens(result) -> str:
+    """The prompt's tokens as --verbose shows them."""
+    assert result.returncode == 0, result.stderr
+    return re.search(r"^prompt: \d+ tokens \[.*\]$", result.stderr, re.M)[0]
+
+
+# --- A document and an instruction ------------------------------------------------------------------------------------
+def test_a_piped_document_comes_first_then_a_blank_line_then_the_instruction(hub, warm_home):
+    piped = console(*crafted(prompt="say something"), "--verbose", hub=hub, home=warm_home,
+                    stdin=b"hello world\nquick brown fox\n")
+    typed = console(*crafted(prompt="hello world\nquick brown fox\n\nsay something"), "--verbose", hub=hub,
+                    home=warm_home)
+    assert fed_tokens(piped) == fed_tokens(typed)
+    assert piped.stdout == typed.stdout
+
+
+def test_without_an_instruction_the_pipe_is_the_whole_prompt_and_dash_reads_it_alone(hub, warm_home):
+    alone = fed_tokens(console(*crafted(prompt="hello world"), "--verbose", hub=hub, home=warm_home))
+    for prompt in (None, "-"):
+        piped = console(*crafted(prompt=prompt), "--verbose", hub=hub, home=warm_home, stdin=b"hello world")
+        assert fed_tokens(piped) == alone
+
+
+def test_an_empty_pipe_leaves_the_instruction_alone(hub, warm_home):
+    alone = fed_tokens(console(*crafted(prompt="say something"), "--verbose", hub=hub, home=warm_home))
+    piped = console(*crafted(prompt="say something"), "--verbose", hub=hub, home=warm_home, stdin=b" \n")
+    assert fed_tokens(piped) == alone
+
+
+def test_a_second_instruction_over_the_same_document_restores_the_document_from_the_first(hub, random_home):
+    first = console(*random_model(prompt="say something", sample_len=8), hub=hub, home=random_home,
+                    stdin=DOCUMENT.encode())
+    assert first.returncode == 0, first.stderr
+    second = console(*random_model(prompt="write haiku", seed=3, sample_len=8), hub=hub, home=random_home,
+                     stdin=DOCUMENT.encode())
+    restored = int(re.search(r"prompt: \d+ tokens, (\d+) restored from an earlier run", second.stderr)[1])
+    assert restored >= 512
+    evaluated = console(*random_model(prompt="write haiku", seed=3, sample_len=8, prompt_cache_gb=0), hub=hub,
+                        home=random_home, stdin=DOCUMENT.encode())
+    assert second.stdout == evaluated.stdout  # the restored start is the document's own
+
+
+# --- JSON that always parses, and other grammars ----------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(8))
+def test_random_weights_under_a_schema_always_reply_json_that_fits_it(hub, random_home, seed):
+    result = console(*random_model(seed=seed, json_schema=ENUM_AND_BOOLEAN), hub=hub, home=random_home)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)  # stdout is exactly the reply: `| jq .` works
+    assert reply["color"] in ("red", "green", "blue") and isinstance(reply["ok"], bool) and len(reply) == 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_weights_under_a_grammar_file_always_reply_in_its_language(hub, random_home, tmp_path, seed):
+    (tmp_path / "words.gbnf").write_text(WORDS)
+    result = console(*random_model(seed=seed, grammar=tmp_path / "words.gbnf"), hub=hub, home=random_home)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"(hello|world|ice)( (hello|world|ice)){2,4}\n", result.text)
+
+
+def test_a_grammar_redraws_only_what_it_refuses_and_the_reply_ends_where_it_is_complete(hub, warm_home, tmp_path):
+    # Greedy says "puck"; the grammar refuses it twice, so "goal" (the next likeliest) is drawn instead; then it
+    # allows "puck", and after that only the end: the reply ends there, long before --sample-len.
+    (tmp_path / "g.gbnf").write_text(GOAL_GOAL_PUCK)
+    result = console(*crafted(grammar=tmp_path / "g.gbnf"), hub=hub, home=warm_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"goal goal puck\n"
+    assert "generated: 4 tokens" in result.stderr  # three words and the end
+
+
+def test_a_reply_cut_short_before_its_grammar_is_complete_says_so_and_fails(hub, warm_home, tmp_path):
+    (tmp_path / "g.gbnf").write_text(GOAL_GOAL_PUCK)
+    result = console(*crafted(grammar=tmp_path / "g.gbnf", sample_len=2), hub=hub, home=warm_home)
+    assert result.returncode == 3
+    assert result.stdout == b"goal goal\n"  # what was generated stays
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "incomplete" in errors[0] and "raise --sample-len" in errors[0]
+
+
+def test_a_schema_reply_cut_short_fails_too(hub, random_home):
+    result = console(*random_model(seed=1, json_schema=ENUM_AND_BOOLEAN, sample_len=3), hub=hub, home=random_home)
+    assert result.returncode == 3 and result.stdout.startswith(b"{")
+    assert "incomplete" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_reply_that_completes_its_grammar_at_the_last_token_allowed_is_complete(hub, warm_home, tmp_path):
+    (tmp_path / "g.gbnf").write_text(GOAL_GOAL_PUCK)
+    result = console(*crafted(grammar=tmp_path / "g.gbnf", sample_len=3), hub=hub, home=warm_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"goal goal puck\n"
+
+
+GRAMMAR_FILES = {"unparsable": 'root ::= ("a" \n', "undefined rule": "root ::= word\n", "no root": 'start ::= "a"\n',
+                 "empty": "\n"}
+
+
+@pytest.mark.parametrize("case,flag,expected", [
+    ("not JSON", ["--json-schema", "{not json"], "JSONDecodeError"),
+    ("unknown type", ["--json-schema", '{"type": "frobnicator"}'], "Unrecognized schema"),
+    ("not an object", ["--json-schema", "[1, 2]"], "cannot be used"),
+    ("missing file", ["--grammar", "no/such/file.gbnf"], "No such file"),
+    *((f"grammar: {name}", ["--grammar", name], "does not parse") for name in GRAMMAR_FILES),
+    ("both", ["--grammar", "empty", "--json-schema", "{}"], "both set"),
+])
+def test_a_schema_or_grammar_that_cannot_be_used_is_one_line_before_any_download(hub, tmp_path, monkeypatch, case,
+                                                                               flag, expected):
+    for name, text in GRAMMAR_FILES.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    line = the_error(console(*flag, hub=hub, home=tmp_path / "home"), code=2)
+    assert expected in line, line
+    assert hub.requests == []  # refused before the hub was asked for anything
+
+
+def test_a_grammar_that_names_an_unknown_token_is_refused_before_the_prompt(hub, warm_home, tmp_path):
+    (tmp_path / "g.gbnf").write_text("root ::= <|no-such-token|>\n")  # needs the model's vocabulary to check
+    line = the_error(console(*crafted(grammar=tmp_path / "g.gbnf"), hub=hub, home=warm_home), code=2)
+    assert "does not parse" in line and "no-such-token" in line
+    assert "prompt:" not in console(*crafted(grammar=tmp_path / "g.gbnf"), hub=hub, home=warm_home).stderr
+
+
+# --- Stop strings -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stops,penalty,reply", [
+    (["uc"], 1.0, b"p"),  # inside one token: "puck"
+    (["ck pu"], 1.0, b"pu"),  # across two tokens: "puck" " puck"
+    (["k puck p"], 1.0, b"puc"),  # across three
+    (["goal", "k g"], 1.2, b"puc"),  # "puck goal puck": the one that comes first in the reply wins
+    (["k g", "goal"], 1.2, b"puc"),
+    (["pu"], 1.0, b""),  # at the very start: an empty reply
+    (["puck!"], 1.0, b"puck puck puck"),  # never reached: what was held back is printed at the end
+    (['["ck pu", "zz"]'], 1.0, b"pu"),  # a JSON list types several at once
+])
+def test_the_reply_ends_just_before_the_first_stop_string_and_none_of_it_is_printed(hub, warm_home, stops, penalty,
+                                                                                    reply):
+    stop_flags = [x for stop in stops for x in ("--stop", stop)]
+    result = console(*crafted(repeat_penalty=penalty, sample_len=3), *stop_flags, hub=hub, home=warm_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reply + b"\n"
+
+
+def test_text_held_back_when_the_model_ends_the_reply_is_printed(hub, warm_home, tmp_path):
+    # The last " puck" could begin "puck!" and is held back, until the end of generation shows it never will
+    (tmp_path / "g.gbnf").write_text(GOAL_GOAL_PUCK)
+    result = console(*crafted(grammar=tmp_path / "g.gbnf"), "--stop", "puck!", hub=hub, home=warm_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"goal goal puck\n"
+
+
+def test_an_empty_stop_string_is_refused(tmp_path):
+    assert "must be non-empty texts" in the_error(console("--stop", "", hub=None, home=tmp_path), code=2)
+
+
+# --- In a chat --------------------------------------------------------------------------------------------------------
+def test_in_a_chat_the_conversation_keeps_only_what_was_printed(hub, warm_home, tmp_path):
+    typed = f"hello\n/save {tmp_path / 'talk.json'}\nhello again\n/save {tmp_path / 'later.json'}\n"
+    result = console(*crafted(prompt=None, sample_len=3), "--chat", "--stop", "ck pu", hub=hub, home=warm_home,
+                     stdin=typed.encode())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"pu\npu\n"
+    saved = json.loads((tmp_path / "talk.json").read_text())
+    assert saved["messages"][1] == {"role": "assistant", "content": "pu"}
+    context = saved["context"]["tokens"] + saved["context"]["pending"]
+    assert context[-2:] == [token_id("▁pu"), 32007]  # the printed reply, then <|end|>: no "puck" drawn after it
+    later = json.loads((tmp_path / "later.json").read_text())["context"]
+    assert later["tokens"][:len(context)] == context  # the next exchange evaluated it as it was recorded
+
+
+def test_in_a_chat_a_schema_applies_to_the_following_replies_and_a_bad_one_changes_nothing(hub, warm_home, tmp_path):
+    missing = tmp_path / "missing.gbnf"
+    typed = (f'/set json_schema {{"enum": ["red", "blue"]}}\nhello\n/set grammar {missing}\n/set json_schema none\n'
+             f"/set grammar {missing}\n/show\nhello\n")
+    result = console(*crafted(prompt=None, sample_len=8), "--chat", hub=hub, home=warm_home, stdin=typed.encode())
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.decode().splitlines()
+    assert json.loads(first) in ("red", "blue")
+    assert second == "puck puck puck puck puck puck puck puck"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "both set" in errors[0] and "No such file" in errors[1] and len(errors) == 2
+    assert "grammar = None" in result.stderr  # /show: the missing grammar file was not taken
