@@ -63,6 +63,7 @@ try:
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars, tqdm as hub_tqdm
+    from huggingface_hub.utils import validate_repo_id
     try:
         from huggingface_hub.utils import httpx as hub_httpx  # huggingface_hub 2.x's HTTP client (httpx2)
     except ImportError:  # huggingface_hub 1.x, the last for Python 3.9 (macOS's own python3), uses httpx itself
@@ -76,9 +77,9 @@ except KeyboardInterrupt:  # Ctrl-C while the libraries load
 # --- Settings: edit these and rerun, or pass the same setting as a flag (--top-p for TOP_P; --help lists them) --------
 PROMPT = "Write a haiku about ice hockey"  # your words; Phi-3's chat format is added around them
 SYSTEM = None  # None, or instructions the model reads before your first message ("Answer in French.")
-TEMPERATURE = 1.0  # >= 0; 0 = greedy (always the likeliest token), higher = more random
-TOP_P = None  # None = off; else 0 < p <= 1: draw only from the likeliest tokens whose probabilities sum to p
-REPEAT_PENALTY = 1.2  # > 0; 1.0 = off, > 1.0 makes tokens the reply has already used less likely
+TEMPERATURE = 1.0  # 0, or 1e-30 .. 1e30; 0 = greedy (always the likeliest token), higher = more random
+TOP_P = None  # None = off; else 1e-30 <= p <= 1: draw only from the likeliest tokens whose probabilities sum to p
+REPEAT_PENALTY = 1.2  # 1e-30 .. 1e30; 1.0 = off, > 1.0 makes tokens the reply has already used less likely
 REPEAT_LAST_N = 64  # 0 .. 65536; how many of the reply's latest tokens the penalty looks at, 0 = none
 SAMPLE_LEN = 100  # >= 1; the most tokens to generate
 SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
@@ -105,15 +106,18 @@ class Setting(NamedTuple):
     meaning: str  # --help's and /help's line
 
 
+TINY, HUGE = 1e-30, 1e30  # the ends of the float ranges: llama.cpp's 32-bit floats hold them, not 0 or infinity
+HUB_URL = re.compile(r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+)")  # a model page, pasted
 # Each setting once. Its name spells the constant (TOP_P), the flag (--top-p) and chat's `/set top_p`.
 SETTINGS: dict[str, Setting] = {
     "prompt": Setting(str, False, lambda s: s.strip() != "", "non-empty text", "your words; '-' or a pipe reads stdin"),
     "system": Setting(str, True, lambda s: s.strip() != "", "non-empty text, or none",
                       "instructions the model reads before your first message"),
-    "temperature": Setting(float, False, lambda t: t >= 0, "a number >= 0", "0 = greedy, higher = more random"),
-    "top_p": Setting(float, True, lambda p: 0 < p <= 1, "a number in (0, 1], or none",
+    "temperature": Setting(float, False, lambda t: t == 0 or TINY <= t <= HUGE, "0, or a number in 1e-30..1e30",
+                           "0 = greedy, higher = more random"),
+    "top_p": Setting(float, True, lambda p: TINY <= p <= 1, "a number in 1e-30..1, or none",
                      "draw only from the likeliest tokens whose probabilities add up to P; none = off"),
-    "repeat_penalty": Setting(float, False, lambda x: x > 0, "a number > 0",
+    "repeat_penalty": Setting(float, False, lambda x: TINY <= x <= HUGE, "a number in 1e-30..1e30",
                               "1.0 = off; above 1, tokens the reply has already used become less likely"),
     "repeat_last_n": Setting(int, False, lambda n: 0 <= n <= 65536, "an integer in 0..65536",
                              "how many of the reply's latest tokens the penalty looks at; 0 = none"),
@@ -130,12 +134,13 @@ SETTINGS: dict[str, Setting] = {
                       "for more memory and slower loads; none = with AVX-512 only on x86, else llama.cpp's choice"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk for recent runs' evaluated prompts, so that a rerun starts at once; 0 = off"),
-    "model_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name", "Hugging Face repo of the weights"),
-    "model_file": Setting(str, False, lambda s: s.strip() != "", "a file name", "the GGUF file in that repo"),
-    "model_revision": Setting(str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+    "model_repo": Setting(str, False, lambda s: repo_id_ok(s), "a repo: org/name", "Hugging Face repo of the weights"),
+    "model_file": Setting(str, False, lambda s: in_repo_ok(s), "a file's path in the repo, such as name.gguf",
+                          "the GGUF file in that repo"),
+    "model_revision": Setting(str, False, lambda s: in_repo_ok(s, ref=True), "a branch, tag or commit",
                               "revision of the model repo; a commit pins the exact bytes"),
-    "tokenizer_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name", "repo of the tokenizer.json"),
-    "tokenizer_revision": Setting(str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+    "tokenizer_repo": Setting(str, False, lambda s: repo_id_ok(s), "a repo: org/name", "repo of the tokenizer.json"),
+    "tokenizer_revision": Setting(str, False, lambda s: in_repo_ok(s, ref=True), "a branch, tag or commit",
                                   "revision of the tokenizer's repo"),
 }
 DEFAULTS = {name: globals()[name.upper()] for name in SETTINGS}  # each setting's constant, by its name
@@ -207,7 +212,9 @@ def problem(name: str, value: object) -> str | None:
         ok = isinstance(value, (int, float)) and math.isfinite(value) and setting.valid(value)
     else:
         ok = isinstance(value, setting.kind) and setting.valid(value)
-    return None if ok else f"must be {setting.must_be} (got {value!r})"
+    url = HUB_URL.match(value) if isinstance(value, str) else None  # a link to the model's page, pasted
+    hint = f"; that link's repo is {url[1]}" if url else ""
+    return None if ok else f"must be {setting.must_be} (got {shorten(value, quoted=True)}){hint}"
 
 
 def read_value(name: str, text: str) -> object:
@@ -952,7 +959,7 @@ def command(talk: Conversation, line: str) -> str:
     argument = argument.strip()
     needs = {"/set": "NAME VALUE", "/save": "FILE", "/load": "FILE"}
     if (name in needs) != bool(argument):  # missing, or given to a command that takes none
-        raise ValueError(f"{name} takes {needs.get(name, 'nothing')} (got {line!r}); /help lists the commands")
+        raise ValueError(f"{name} takes {needs.get(name, 'nothing')} (got {shorten(line)}); /help lists the commands")
     if name == "/set":
         return talk.change(*argument.partition(" ")[::2])
     if name == "/load":
@@ -969,7 +976,7 @@ def command(talk: Conversation, line: str) -> str:
         return "\n".join([*shown, f"context: {len(talk.tokens)} of {talk.n_ctx} tokens used"])
     actions = {"/reset": talk.reset, "/stats": lambda: talk.stats, "/save": lambda: talk.save(Path(argument))}
     if name not in actions:
-        raise ValueError(f"unknown command {name!r}; /help lists the commands")
+        raise ValueError(f"unknown command {shorten(name)}; /help lists the commands")
     return actions[name]()
 
 
@@ -1007,7 +1014,7 @@ class Conversation:
     def change(self, name: str, text: str) -> str:
         """/set: a new value for a setting, checked like a flag's."""
         if name not in CHAT_SETTINGS:
-            raise ValueError(f"/set takes one of {', '.join(CHAT_SETTINGS)} (got {name!r})")
+            raise ValueError(f"/set takes one of {', '.join(CHAT_SETTINGS)} (got {shorten(name)})")
         try:
             self.settings[name] = read_value(name, text)
         except argparse.ArgumentTypeError as wrong:
@@ -1176,6 +1183,9 @@ def tokens_problem(context: dict[str, Any], *, n_vocab: int | None) -> str | Non
 
 
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
+SHOWN_CHARS = 200  # the most of a name or value from the user that a message shows
+
+
 class Signals:
     """Ctrl-C and SIGTERM, as on_signal takes them for the whole run, in the main thread whichever thread the kernel
     picked: raised at once while the network or the keyboard is waited on, else noted and acted on where it is safe."""
@@ -1260,6 +1270,28 @@ def shape_problem(value: Any, shape: Any, where: str) -> str | None:
         return next((wrong for wrong in inner if wrong), None)
     kind = type(shape) if isinstance(shape, (dict, list)) else shape
     return None if type(value) is kind else f"{where} must be {kinds[kind]} (got {reprlib.repr(value)})"
+
+
+def shorten(name: object, *, quoted: bool = False) -> str:
+    """A name or value from the user (a file, state.file, a repo) as one readable line: controls escaped, long ones
+    cut in the middle; quoted, as Python writes a value."""
+    text = repr(name) if quoted else repr(str(name))[1:-1]
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS // 2]}...{text[-SHOWN_CHARS // 2:]}"
+
+
+def repo_id_ok(name: str) -> bool:
+    """Is it a repo name by huggingface_hub's own rule (org/name), that the cache and the hub's links can hold?"""
+    with contextlib.suppress(hub_errors.HFValidationError):
+        return validate_repo_id(name) is None  # it raises, or returns nothing
+    return False
+
+
+def in_repo_ok(name: str, *, ref: bool = False) -> bool:
+    """Is it a file's path in a repo (or with ref, a branch, tag or commit) that stays inside the cache's folder for
+    it: '/'-separated parts, none empty, '.' or '..', printable; a ref also without git's forbidden characters?"""
+    forbidden = set(" ~^:?*[\\") if ref else set("\\")
+    parts_ok = all(part not in ("", ".", "..") for part in name.split("/"))
+    return parts_ok and name.isprintable() and not forbidden & set(name)
 
 
 def stdin_is_piped() -> bool:
