@@ -55,7 +55,7 @@ import time
 import urllib.parse
 from pathlib import Path
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 try:
     import llama_cpp
@@ -152,6 +152,7 @@ STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # a reply ends at either; the GGUF d
 MAX_SEED = 2**32 - 2  # llama.cpp reserves 2**32 - 1 for "pick a random seed"
 BATCH = 512  # prompt tokens evaluated per llama_decode call (at most the context's size)
 CACHE_STEP = 256  # llama.cpp rounds a context's size up to a multiple of this many tokens
+TOKEN_MAX_BYTES = 64  # the most text one token stands for: SentencePiece pieces are at most 16 characters of 4 bytes
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -235,10 +236,10 @@ def read_value(name: str, text: str) -> object:
     return value
 
 
-def read_prompt(prompt: str | None, *, default: object) -> str:
+def read_prompt(prompt: str | None, *, default: object, n_ctx: int) -> str:
     """`-` reads stdin; so does a pipe or a file on stdin when -p was not given."""
     if prompt == "-" or (prompt is None and stdin_is_piped()):
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+        prompt = read_stdin(n_ctx=n_ctx)
     if prompt is None:
         prompt = default
     wrong = problem("prompt", prompt)
@@ -258,10 +259,7 @@ def download(files: list[tuple[str, str, str]], *, kept: Path, timeout: float, q
 def read_special_tokens(path: str) -> dict[str, int]:
     """Each special token's text and id, from tokenizer.json's `added_tokens` list; every id an integer >= 0."""
     try:
-        if os.path.getsize(path) > TOKENIZER_MAX_BYTES:
-            raise ValueError(f"{os.path.getsize(path)} bytes is far more than a tokenizer needs")
-        with open(path, encoding="utf-8") as f:
-            added = json.load(f)["added_tokens"]
+        added = json.loads(read_bounded(Path(path), limit=TOKENIZER_MAX_BYTES))["added_tokens"]
         specials = {t["content"]: t["id"] for t in added if t.get("special")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         fail(f"{path} is not a usable tokenizer.json ({type(error).__name__}: {error}); delete it to download again")
@@ -550,7 +548,7 @@ def speed(count: int, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
     chatting = settings.chat or settings.load is not None
-    prompt = None if chatting else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
+    prompt = None if chatting else read_prompt(settings.prompt, default=DEFAULTS["prompt"], n_ctx=settings.ctx)
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     repack = repack_weights(settings.repack)  # before the download: --repack is refused on a build it would crash
     if quiet:
@@ -774,6 +772,7 @@ def origin(url: str) -> tuple[str, str, int | None]:
 # is written under a unique temporary name; renaming it, writing its record and deleting happen under one lock.
 PROMPT_RECORD = {"facts": dict, "tokens": [int], "sha256": str}  # a NAME.json, as shape_problem reads it
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
+KEPT_MAX_BYTES = 64 * 2**20  # a record or list the script keeps is far smaller; a larger one is damaged
 
 
 @contextlib.contextmanager
@@ -1090,11 +1089,11 @@ class Conversation:
 
     def save(self, path: Path) -> str:
         """/save: the conversation as JSON at `path` and llama.cpp's state beside it: both written whole, or neither."""
-        state = path.with_name(path.name + ".state")
-        if path.is_dir() or state.is_dir():  # one of the pair could be renamed into place, the other not
-            raise ValueError(f"could not save to {path}: it or {state.name} is a folder")
+        target = Path(os.path.realpath(path))  # a symlink's file is written, not the link replaced
+        state = target.with_name(target.name + ".state")
         try:
-            with temporary_beside(state) as new_state, temporary_beside(path) as new_path:
+            modes = new_file_mode(state), new_file_mode(target)  # before anything is written: both or neither
+            with temporary_beside(state) as new_state, temporary_beside(target) as new_path:
                 sha256 = save_state(self.ctx, new_state, self.tokens)
                 record = {"format": SAVED_FORMAT, "settings": self.settings, "messages": self.messages,
                           "context": {"tokens": self.tokens, "exchanges": self.exchanges, "pending": self.pending,
@@ -1103,25 +1102,30 @@ class Conversation:
                 text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
                 text = re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text)
                 new_path.write_text(text + "\n", encoding="utf-8")
+                os.chmod(new_state, modes[0])
+                os.chmod(new_path, modes[1])
                 os.replace(new_state, state)
-                os.replace(new_path, path)
+                os.replace(new_path, target)
         except OSError as error:  # the new pair was not written whole: the old one, if any, is as it was
-            raise ValueError(f"could not save to {path}: {error.strerror or error}; nothing was changed") from None
-        return f"saved {len(self.messages) // 2} exchange(s) to {path} (and {state.name})"
+            raise ValueError(f"could not save to {shorten(path)}: {error.strerror or error}; nothing was changed") \
+                from None
+        return f"saved {len(self.messages) // 2} exchange(s) to {shorten(path)} (and {shorten(state.name)})"
 
     def load(self, saved: dict[str, Any]) -> str:
         """/load: continue a conversation read_saved checked, from its saved state if it can be trusted, else anew."""
         context, path, state = saved["context"], saved["path"], saved["state"]
         wrong = tokens_problem(context, n_vocab=llama_cpp.llama_vocab_n_tokens(self.vocab))
         if wrong:
-            raise ValueError(f"cannot load {path}: {wrong}")
+            raise ValueError(f"cannot load {shorten(path)}: {wrong}")
         self.reset()
         if any(state.get(key) != value for key, value in self.identity.items()):
             distrust = "it was saved by another model file, llama.cpp build or context settings"
         else:
-            distrust = load_state(self.ctx, path.with_name(state["file"]), str(state.get("sha256")), context["tokens"])
+            beside = Path(os.path.realpath(path)).with_name(state["file"])  # as /save wrote it, through a symlink
+            distrust = load_state(self.ctx, beside, str(state.get("sha256")), context["tokens"])
         if distrust:
-            note(f"note: not using {state['file']} ({distrust}); evaluating the conversation again", quiet=self.quiet)
+            note(f"note: not using {shorten(state['file'])} ({distrust}); evaluating the conversation again",
+                 quiet=self.quiet)
             try:
                 evaluate(self.ctx, context["tokens"])
             except KeyboardInterrupt:
@@ -1131,21 +1135,23 @@ class Conversation:
         self.replies, self.messages = context["replies"], saved["messages"]
         self.settings.update(saved["settings"])
         self.new_sampler()
-        return f"loaded {len(self.messages) // 2} exchange(s) from {path}: {len(self.tokens)} tokens of context"
+        held = f"{len(self.tokens)} tokens of context"
+        return f"loaded {len(self.messages) // 2} exchange(s) from {shorten(path)}: {held}"
 
 
 def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
     """A /save file, checked whole before anything changes (its vocabulary by load); ValueError says what is wrong."""
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(read_bounded(path, limit=KEPT_MAX_BYTES))
     except (OSError, ValueError, RecursionError) as error:
-        raise ValueError(f"cannot load {path}: {getattr(error, 'strerror', None) or error}") from None
+        raise ValueError(f"cannot load {shorten(path)}: {getattr(error, 'strerror', None) or error}") from None
     wrong = saved_problem(saved)
     if wrong:
-        raise ValueError(f"cannot load {path}: {wrong}")
+        raise ValueError(f"cannot load {shorten(path)}: {wrong}")
     held = len(saved["context"]["tokens"]) + len(saved["context"]["pending"])
     if held >= n_ctx:
-        raise ValueError(f"{path} holds {held} tokens and the context holds {n_ctx}; start with a larger --ctx")
+        raise ValueError(f"{shorten(path)} holds {held} tokens and the context holds {n_ctx}; "
+                         "start with a larger --ctx")
     return {**saved, "settings": {name: saved["settings"][name] for name in CHAT_SETTINGS}, "path": path}
 
 
@@ -1158,7 +1164,7 @@ def saved_problem(saved: Any) -> str | None:
     if wrong:
         return wrong
     file, exchanges, length = saved["state"]["file"], saved["context"]["exchanges"], len(saved["context"]["tokens"])
-    if Path(file).name != file or file in ("", ".."):
+    if Path(file).name != file or file in ("", "..") or "\0" in file:  # a NUL is no file name either
         return f"state.file must name a file beside it (got {reprlib.repr(file)})"
     for index, start in enumerate(exchanges):  # each starts inside the tokens: make_room slides the cache by them
         if not 0 < start < length:
@@ -1217,9 +1223,9 @@ def progress(what: str, *, total: float, unit: str) -> hub_tqdm:
 
 
 def file_digest(path: Path, digest: Any = None) -> str:
-    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
+    """The hex digest of a regular file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
     digest = digest or hashlib.sha256()
-    with open(path, "rb") as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as bar:
+    with open_regular(path) as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as bar:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -1254,7 +1260,7 @@ def write_whole(path: Path, text: str) -> None:
 def read_json(path: Path) -> dict[str, Any]:
     """A small JSON object the script keeps; {} if it is missing or damaged (it is only ever a shortcut)."""
     with contextlib.suppress(OSError, ValueError, RecursionError):
-        seen = json.loads(path.read_text())
+        seen = json.loads(read_bounded(path, limit=KEPT_MAX_BYTES))
         return seen if isinstance(seen, dict) else {}
     return {}
 
@@ -1270,6 +1276,27 @@ def shape_problem(value: Any, shape: Any, where: str) -> str | None:
         return next((wrong for wrong in inner if wrong), None)
     kind = type(shape) if isinstance(shape, (dict, list)) else shape
     return None if type(value) is kind else f"{where} must be {kinds[kind]} (got {reprlib.repr(value)})"
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """A file opened for reading, if it is a regular one: a FIFO, device or folder is an OSError, never a wait (the
+    open does not block on a FIFO without a writer, so Ctrl-C and SIGTERM keep working)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)  # Windows: bytes as they are
+    descriptor = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def read_bounded(source: Path | BinaryIO, *, limit: int, what: str = "the file") -> bytes:
+    """A regular file's bytes, or an open stream's (stdin), read no further than one byte past `limit`: more is a
+    ValueError, so that memory stays flat."""
+    with open_regular(source) if isinstance(source, Path) else contextlib.nullcontext(source) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} is longer than {limit} bytes")
+    return data
 
 
 def shorten(name: object, *, quoted: bool = False) -> str:
@@ -1292,6 +1319,28 @@ def in_repo_ok(name: str, *, ref: bool = False) -> bool:
     forbidden = set(" ~^:?*[\\") if ref else set("\\")
     parts_ok = all(part not in ("", ".", "..") for part in name.split("/"))
     return parts_ok and name.isprintable() and not forbidden & set(name)
+
+
+def new_file_mode(path: Path) -> int:
+    """The mode for a file written in place of `path`: its own, or a new file's (the umask's default); OSError for
+    anything but a regular file (a FIFO, device, socket or folder is never replaced)."""
+    if not os.path.exists(path):
+        umask = os.umask(0o022)  # the only way to read it: set it, and set it back
+        os.umask(umask)
+        return 0o666 & ~umask
+    if not stat.S_ISREG(mode := os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return stat.S_IMODE(mode)
+
+
+def read_stdin(*, n_ctx: int) -> str:
+    """The text on stdin, read no further than n_ctx tokens could hold (none stands for more than TOKEN_MAX_BYTES):
+    a longer pipe is refused at once, before it is tokenized, and memory stays flat."""
+    try:
+        data = read_bounded(sys.stdin.buffer, limit=n_ctx * TOKEN_MAX_BYTES, what="the prompt on stdin")
+    except ValueError as wrong:
+        fail(f"{wrong}, more than {n_ctx} tokens of context hold; shorten it or raise --ctx", code=2)
+    return data.decode("utf-8", errors="replace").strip()
 
 
 def stdin_is_piped() -> bool:

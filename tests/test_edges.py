@@ -6,11 +6,18 @@ to /dev/full, which discards what it is given.
 """
 from __future__ import annotations
 
+import json
+import os
+import stat
+import subprocess
+import threading
+import time
 
 import pytest
 
-from conftest import (MODEL_REPO, console, crafted, the_error)
-from test_chat import chat
+from conftest import (MODEL_REPO, PATIENCE, PYTHON, SCRIPT, as_a_user, console, crafted, environment_for,
+                      the_error)
+from test_chat import chat, context_used, evaluated, saved_conversation, stats
 
 
 def errors_in(result) -> list[str]:
@@ -45,6 +52,93 @@ def test_a_branch_with_a_slash_is_a_revision_like_any_other(hub, warm_home):
     assert "revision 'refs/pr/1' not found" in line
 
 
+# --- 2. /save writes only where a regular file is or may be -----------------------------------------------------------
+def test_save_through_a_symlink_writes_the_file_it_names_and_keeps_its_mode(hub, warm_home, tmp_path):
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("{}")
+    real.chmod(0o640)
+    link.symlink_to(real)
+    assert chat(hub, warm_home, ["hello", f"/save {link}"]).returncode == 0
+    assert link.is_symlink() and json.loads(real.read_text())["messages"]
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640  # the file's own mode, not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(state_of(real).stat().st_mode) == 0o666 & ~umask  # a new file: as any program makes it
+    loaded = chat(hub, warm_home, [f"/load {link}", "hello", "/stats"])
+    assert "not using" not in loaded.stderr and evaluated(stats(loaded)[0]) < 20  # its state found beside the file
+
+
+@pytest.mark.parametrize("what", ["a FIFO", "a folder", "a FIFO where its state goes"])
+def test_save_refuses_what_is_not_a_regular_file_and_leaves_it_be(hub, warm_home, tmp_path, what):
+    path = tmp_path / "talk.json"
+    spot = state_of(path) if what.endswith("state goes") else path
+    os.mkfifo(spot) if "FIFO" in what else spot.mkdir()
+    result = chat(hub, warm_home, ["hello", f"/save {path}", "/show"])
+    assert result.returncode == 0, result.stderr
+    assert errors_in(result) == [f"error: could not save to {path}: not a regular file; nothing was changed"]
+    assert (stat.S_ISFIFO if "FIFO" in what else stat.S_ISDIR)(os.lstat(spot).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [spot.name]  # nothing else written, no temporary left
+
+
+# --- 4 and 11. A failed /load changes nothing and names the field; names in messages are one short line --------------
+def test_a_nul_in_state_file_is_refused_naming_the_field_and_the_chat_goes_on(hub, warm_home, tmp_path):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path)
+    record = json.loads(path.read_text())
+    record["state"]["file"] = "talk\0.state"
+    path.write_text(json.dumps(record))
+    result = chat(hub, warm_home, ["hello", f"/load {path}", "/show", "say something"])
+    assert result.returncode == 0, result.stderr
+    assert errors_in(result) == [f"error: cannot load {path}: state.file must name a file beside it "
+                                 "(got 'talk\\x00.state')"]
+    assert context_used(result)[0] > 0 and result.stdout == b"puck puck puck\npuck puck puck\n"
+
+
+def test_a_long_name_with_a_newline_is_shown_on_one_short_line(hub, warm_home, tmp_path):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path)
+    record = json.loads(path.read_text())
+    record["state"]["file"] = "two\nlines" + "x" * 1_000_000
+    path.write_text(json.dumps(record))
+    result = chat(hub, warm_home, [f"/load {path}", f"/load {tmp_path}/{'y' * 5000}"])
+    assert result.returncode == 0, result.stderr
+    (note,) = [line for line in result.stderr.splitlines() if line.startswith("note: not using")]
+    assert note.startswith("note: not using two\\nlines") and len(note) < 500
+    (error,) = errors_in(result)
+    assert error.startswith(f"error: cannot load {tmp_path}/yyy") and len(error) < 500
+
+
+# --- 6. A pipe longer than the context could hold is refused at once, and read no further -----------------------------
+def test_a_huge_pipe_is_refused_at_once_without_being_read_whole(tmp_path, startup):
+    # No hub and nothing cached: had it been tokenized, or read whole, the run would get as far as the download.
+    process = subprocess.Popen([PYTHON, str(SCRIPT), "--ctx", "4096"], env=environment_for(None, tmp_path),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=as_a_user)
+    sent = [0]
+
+    def feed() -> None:  # 200 MB of text, as long as the script reads it
+        block = b"hockey " * 150_000
+        try:
+            while sent[0] < 200 * 2**20:
+                process.stdin.write(block)
+                sent[0] += len(block)
+            process.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    started = time.monotonic()
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    process.wait(timeout=PATIENCE)  # not communicate(), which would close its stdin: an end to the text
+    took = time.monotonic() - started
+    feeder.join(timeout=PATIENCE)
+    stdout, stderr = process.stdout.read(), process.stderr.read()
+    assert process.returncode == 2 and stdout == b"", stderr
+    assert stderr.decode().startswith("error: the prompt on stdin is longer than 262144 bytes, more than 4096 tokens")
+    assert sent[0] < 8 * 2**20  # what it read, and what the pipe held: not the whole of it
+    assert took < 3 * startup + 1
+
+
 # --- 7. Numbers that a 32-bit float turns into 0 or infinity are refused ---------------------------------------------
 @pytest.mark.parametrize(("flag", "value"), [("--repeat-penalty", "1e-300"), ("--temperature", "1e308"),
                                              ("--temperature", "1e-300"), ("--top-p", "1e-45")])
@@ -65,3 +159,37 @@ def test_set_refuses_such_a_number_too_and_the_chat_goes_on(hub, warm_home):
     assert result.returncode == 0 and result.stdout == b"puck puck puck\n"
     assert errors_in(result) == ["error: temperature must be 0, or a number in 1e-30..1e30 (got '1e-300')"]
     assert "temperature = 0.0" in result.stderr  # as it was
+
+
+# --- 10. Only regular files are read: a FIFO or a folder is one line, never a hang ------------------------------------
+def test_load_of_a_fifo_or_a_folder_is_one_line_and_the_chat_goes_on(hub, warm_home, tmp_path, startup):
+    fifo = tmp_path / "talk.json"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    result = chat(hub, warm_home, ["hello", f"/load {fifo}", f"/load {tmp_path}", "/show"])
+    assert time.monotonic() - started < 10 * startup + 10
+    assert result.returncode == 0, result.stderr
+    assert errors_in(result) == [f"error: cannot load {fifo}: not a regular file",
+                                 f"error: cannot load {tmp_path}: not a regular file"]
+    assert context_used(result)[0] > 0
+    line = the_error(console(*crafted(prompt=None), "--load", str(fifo), hub=None, home=tmp_path), code=2)
+    assert line == f"error: --load: cannot load {fifo}: not a regular file"
+
+
+def test_a_state_file_that_is_a_fifo_is_not_read_and_the_conversation_is_evaluated_again(hub, warm_home, tmp_path):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path)
+    state_of(path).unlink()
+    os.mkfifo(state_of(path))
+    result = chat(hub, warm_home, [f"/load {path}", "/show"])
+    assert result.returncode == 0, result.stderr
+    assert "not using talk.json.state (not a regular file); evaluating the conversation again" in result.stderr
+
+
+def test_a_cached_tokenizer_that_is_a_fifo_is_one_line(hub, tmp_path):
+    assert console(*crafted(sample_len=1), hub=hub, home=tmp_path).returncode == 0
+    (blob,) = (tmp_path / "hub").glob("models--microsoft--Phi-3-mini-4k-instruct/blobs/*")
+    blob.unlink()
+    os.mkfifo(blob)
+    line = the_error(console(*crafted(sample_len=3), hub=hub, home=tmp_path))
+    assert "is not a usable tokenizer.json (OSError: [Errno 22] not a regular file); delete it" in line
