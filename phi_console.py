@@ -317,7 +317,7 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool
             return not Signals.noted
 
         params.progress_callback = llama_cpp.llama_progress_callback(loaded)
-        model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
     if model and Signals.noted:
         llama_cpp.llama_model_free(model)
     raise_noted()
@@ -856,7 +856,7 @@ def tidy_prompts(folder: Path, *, keep: Path, limit: float) -> None:
 
 def save_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> str:
     """Write llama.cpp's state of the cache, which holds `tokens` (no logits); its sha256. OSError unless whole."""
-    written = llama_cpp.llama_state_seq_save_file(ctx, str(path).encode(), 0,
+    written = llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), 0,
                                                   (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
     if not written or os.path.getsize(path) != written:  # llama.cpp does not check its last write, at close
         raise OSError(errno.EIO, f"llama.cpp could not write {path.name} whole")
@@ -873,7 +873,7 @@ def load_state(ctx: llama_cpp.llama_context_p, path: Path, sha256: str, tokens: 
     raise_noted()  # Ctrl-C while a large state was hashed: nothing has changed yet
     out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
     memory = llama_cpp.llama_get_memory(ctx)
-    read = llama_cpp.llama_state_seq_load_file(ctx, str(path).encode(), 0, out, len(tokens), ctypes.byref(count))
+    read = llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), 0, out, len(tokens), ctypes.byref(count))
     if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1 == len(tokens):
         return None
     llama_cpp.llama_memory_clear(memory, True)

@@ -193,3 +193,19 @@ def test_a_cached_tokenizer_that_is_a_fifo_is_one_line(hub, tmp_path):
     os.mkfifo(blob)
     line = the_error(console(*crafted(sample_len=3), hub=hub, home=tmp_path))
     assert "is not a usable tokenizer.json (OSError: [Errno 22] not a regular file); delete it" in line
+
+
+# --- 13. Paths that are not UTF-8 -------------------------------------------------------------------------------------
+def test_a_cache_and_a_save_in_a_folder_whose_name_is_not_utf8(hub, tmp_path):
+    home = tmp_path / os.fsdecode(b"caf\xff")
+    first = console(*crafted(prompt="why"), hub=hub, home=home)
+    assert first.returncode == 0, first.stderr
+    again = console(*crafted(prompt="why"), hub=hub, home=home)
+    assert "restored from an earlier run" in again.stderr and again.stdout == first.stdout
+    saved_conversation(hub, home, tmp_path / "talk.json")  # typed at the chat, a name must be text: moved after
+    path = home / "talk.json"
+    for name in ("talk.json", "talk.json.state"):
+        (tmp_path / name).rename(home / name)
+    loaded = console(*crafted(prompt=None), "--load", str(path), hub=hub, home=home, stdin=b"hello\n/stats\n")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "loaded 2 exchange(s)" in loaded.stderr and "not using" not in loaded.stderr
