@@ -40,6 +40,7 @@ import ctypes
 import errno
 import functools
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -768,11 +769,12 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 # --- Saved prompts (machinery): a rerun restores its evaluated prompt instead of evaluating it again ------------------
-# Each saved prompt is NAME.json (facts, tokens, the state's sha256) beside NAME.state. Runs share the folder: a state
+# Each saved prompt is NAME.json (facts, tokens, the state's HMAC) beside NAME.state. Runs share the folder: a state
 # is written under a unique temporary name; renaming it, writing its record and deleting happen under one lock.
-PROMPT_RECORD = {"facts": dict, "tokens": [int], "sha256": str}  # a NAME.json, as shape_problem reads it
+PROMPT_RECORD = {"facts": dict, "tokens": [int], "hmac": str}  # a NAME.json, as shape_problem reads it
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
 KEPT_MAX_BYTES = 64 * 2**20  # a record or list the script keeps is far smaller; a larger one is damaged
+KEY_BYTES = 32  # the key that signs saved states: as long as its HMAC's sha256
 
 
 @contextlib.contextmanager
@@ -805,7 +807,7 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dic
     if best is None:
         return 0
     index, saved = best
-    distrust = load_state(ctx, index.with_suffix(".state"), saved["sha256"], saved["tokens"])
+    distrust = load_state(ctx, index.with_suffix(".state"), saved["hmac"], saved["tokens"])
     if distrust:  # not deleted: the next save replaces it, and another run may be writing it right now
         note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
         return 0
@@ -825,10 +827,10 @@ def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[s
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         with temporary_beside(folder / f"{name}.state") as partial:
-            sha256 = save_state(ctx, partial, tokens)
+            mac = save_state(ctx, partial, tokens)
             with WeakFileLock(folder.with_name("prompts.lock")):
                 os.replace(partial, folder / f"{name}.state")
-                write_whole(folder / f"{name}.json", json.dumps({"facts": facts, "tokens": tokens, "sha256": sha256}))
+                write_whole(folder / f"{name}.json", json.dumps({"facts": facts, "tokens": tokens, "hmac": mac}))
                 tidy_prompts(folder, keep=folder / f"{name}.json", limit=limit)
 
 
@@ -855,19 +857,20 @@ def tidy_prompts(folder: Path, *, keep: Path, limit: float) -> None:
 
 
 def save_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> str:
-    """Write llama.cpp's state of the cache, which holds `tokens` (no logits); its sha256. OSError unless whole."""
+    """Write llama.cpp's state of the cache, which holds `tokens` (no logits); its HMAC. OSError unless whole."""
     written = llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), 0,
                                                   (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
     if not written or os.path.getsize(path) != written:  # llama.cpp does not check its last write, at close
         raise OSError(errno.EIO, f"llama.cpp could not write {path.name} whole")
-    return file_digest(path)
+    return state_mac(path)
 
 
-def load_state(ctx: llama_cpp.llama_context_p, path: Path, sha256: str, tokens: list[int]) -> str | None:
-    """Load save_state's file into the empty cache if it hashes to sha256 and holds `tokens`; else say why not."""
+def load_state(ctx: llama_cpp.llama_context_p, path: Path, mac: str, tokens: list[int]) -> str | None:
+    """Load save_state's file into the empty cache if its HMAC is `mac` and it holds `tokens`; else say why not.
+    llama.cpp trusts the sizes a state file gives (a forged one aborts it): only one written here reaches it."""
     try:
-        if file_digest(path) != sha256:
-            return "it has changed since it was saved"
+        if not hmac.compare_digest(state_mac(path).encode(), mac.encode("utf-8", "replace")):
+            return "it was not saved by this installation, or has changed since"
     except OSError as error:
         return error.strerror or str(error)
     raise_noted()  # Ctrl-C while a large state was hashed: nothing has changed yet
@@ -878,6 +881,19 @@ def load_state(ctx: llama_cpp.llama_context_p, path: Path, sha256: str, tokens: 
         return None
     llama_cpp.llama_memory_clear(memory, True)
     return "llama.cpp could not restore it"
+
+
+def state_mac(path: Path) -> str:
+    """A state file's HMAC under this installation's random key, made once beside the cache (its owner's only, and
+    linked into place whole): a state made or changed elsewhere cannot have the one recorded for it."""
+    key = Path(hub_constants.HF_HOME) / "phi-console" / "state.key"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        with temporary_beside(key) as new:  # mkstemp makes it 0600
+            new.write_bytes(os.urandom(KEY_BYTES))
+            with contextlib.suppress(FileExistsError):  # another run made it first: both use that one
+                os.link(new, key)
+    return file_digest(path, hmac.new(read_bounded(key, limit=KEY_BYTES), digestmod=hashlib.sha256))
 
 
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
@@ -1094,11 +1110,11 @@ class Conversation:
         try:
             modes = new_file_mode(state), new_file_mode(target)  # before anything is written: both or neither
             with temporary_beside(state) as new_state, temporary_beside(target) as new_path:
-                sha256 = save_state(self.ctx, new_state, self.tokens)
+                mac = save_state(self.ctx, new_state, self.tokens)
                 record = {"format": SAVED_FORMAT, "settings": self.settings, "messages": self.messages,
                           "context": {"tokens": self.tokens, "exchanges": self.exchanges, "pending": self.pending,
                                       "replies": self.replies[-SAVED_REPLY_TOKENS:]},
-                          "state": {"file": state.name, "sha256": sha256, **self.identity}}
+                          "state": {"file": state.name, "hmac": mac, **self.identity}}
                 text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
                 text = re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text)
                 new_path.write_text(text + "\n", encoding="utf-8")
@@ -1122,7 +1138,7 @@ class Conversation:
             distrust = "it was saved by another model file, llama.cpp build or context settings"
         else:
             beside = Path(os.path.realpath(path)).with_name(state["file"])  # as /save wrote it, through a symlink
-            distrust = load_state(self.ctx, beside, str(state.get("sha256")), context["tokens"])
+            distrust = load_state(self.ctx, beside, str(state.get("hmac")), context["tokens"])
         if distrust:
             note(f"note: not using {shorten(state['file'])} ({distrust}); evaluating the conversation again",
                  quiet=self.quiet)

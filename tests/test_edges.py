@@ -6,8 +6,10 @@ to /dev/full, which discards what it is given.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -15,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import (MODEL_REPO, PATIENCE, PYTHON, SCRIPT, as_a_user, console, crafted, environment_for,
-                      the_error)
+from conftest import (MODEL_REPO, PATIENCE, PYTHON, RANDOM, SCRIPT, as_a_user, console, crafted, environment_for,
+                      flags, the_error)
 from test_chat import chat, context_used, evaluated, saved_conversation, stats
 
 
@@ -78,6 +80,56 @@ def test_save_refuses_what_is_not_a_regular_file_and_leaves_it_be(hub, warm_home
     assert errors_in(result) == [f"error: could not save to {path}: not a regular file; nothing was changed"]
     assert (stat.S_ISFIFO if "FIFO" in what else stat.S_ISDIR)(os.lstat(spot).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == [spot.name]  # nothing else written, no temporary left
+
+
+# --- 3. llama.cpp is handed only states this installation wrote -------------------------------------------------------
+def forged(state, record: dict, field: str) -> None:
+    """Cut a state just after its header (magic, version, token count, tokens) and the first number of its data, and
+    record the cut file's sha256, as anyone can: llama.cpp would believe the sizes it reads and abort (SIGABRT)."""
+    header = 12 + 4 * int.from_bytes(state.read_bytes()[8:12], "little")
+    state.write_bytes(state.read_bytes()[: header + 4])
+    digest = hashlib.sha256(state.read_bytes()).hexdigest()
+    record.update({field: digest, "sha256": digest})
+
+
+def test_a_forged_state_is_never_loaded_and_the_conversation_is_evaluated_again(hub, warm_home, tmp_path):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path, repeat_penalty=1.5)
+    intact = chat(hub, warm_home, [f"/load {path}", "hello"], repeat_penalty=1.5)
+    record = json.loads(path.read_text())
+    forged(state_of(path), record["state"], "hmac")
+    path.write_text(json.dumps(record))
+    for result in (chat(hub, warm_home, [f"/load {path}", "hello", "/stats"], repeat_penalty=1.5),
+                   console(*crafted(prompt=None, sample_len=3), "--load", str(path), hub=hub, home=warm_home,
+                           stdin=b"hello\n/stats\n")):
+        assert result.returncode == 0, result.stderr
+        assert "not using talk.json.state (it was not saved by this installation" in result.stderr
+        assert result.stdout == intact.stdout  # the saved tokens, evaluated: the same reply
+        assert evaluated(stats(result)[0]) > 20
+
+
+def test_a_state_saved_by_another_installation_is_evaluated_again(hub, warm_home, tmp_path):
+    path = tmp_path / "talk.json"
+    saved_conversation(hub, warm_home, path)
+    elsewhere = tmp_path / "elsewhere"  # the same models, another key
+    shutil.copytree(warm_home, elsewhere, symlinks=True, ignore=shutil.ignore_patterns("state.key", "prompts"))
+    result = chat(hub, elsewhere, [f"/load {path}", "/show"])
+    assert result.returncode == 0, result.stderr
+    assert "not using talk.json.state (it was not saved by this installation" in result.stderr
+    assert (elsewhere / "phi-console" / "state.key").stat().st_mode & 0o077 == 0  # its own key, for its owner only
+
+
+def test_a_forged_saved_prompt_is_never_loaded(hub, random_models, tmp_path):
+    run = [*flags(model_repo=RANDOM, model_file="two-layers.gguf", prompt="why is the sky blue", seed=3)]
+    first = console(*run, hub=hub, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (index,) = (tmp_path / "phi-console" / "prompts").glob("*.json")
+    record = json.loads(index.read_text())
+    forged(index.with_suffix(".state"), record, "hmac")
+    index.write_text(json.dumps(record))
+    again = console(*run, hub=hub, home=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "not using the saved state of this prompt" in again.stderr and again.stdout == first.stdout
 
 
 # --- 4 and 11. A failed /load changes nothing and names the field; names in messages are one short line --------------
