@@ -33,32 +33,39 @@ Then the machinery that makes it robust and fast, each part entered by one call 
 """
 from __future__ import annotations
 
-import argparse
-import codecs
-import contextlib
-import ctypes
-import errno
-import functools
-import hashlib
-import hmac
-import json
-import math
-import os
-import random
-import re
-import reprlib
-import shutil
-import signal
-import stat
-import sys
-import tempfile
-import time
-import urllib.parse
-from pathlib import Path
-from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, NamedTuple, NoReturn
+try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script quietly, until run() takes them over
+    import signal
+    import sys
 
-try:
+    ENDINGS = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # SIGHUP: a closed terminal
+    for _signum in ENDINGS:
+        if signal.getsignal(_signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
+            signal.signal(_signum, lambda signum, frame: sys.exit(128 + signum))
+
+    import argparse
+    import codecs
+    import contextlib
+    import ctypes
+    import errno
+    import functools
+    import hashlib
+    import hmac
+    import json
+    import math
+    import os
+    import random
+    import re
+    import reprlib
+    import shutil
+    import stat
+    import tempfile
+    import time
+    import traceback
+    import urllib.parse
+    from pathlib import Path
+    from collections.abc import Callable, Iterator
+    from typing import Any, BinaryIO, NamedTuple, NoReturn
+
     import llama_cpp
     from huggingface_hub import constants as hub_constants, errors as hub_errors
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
@@ -72,8 +79,8 @@ try:
     from huggingface_hub.utils import logging as hub_logging
 except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed; run: pip install -r requirements.txt")
-except KeyboardInterrupt:  # Ctrl-C while the libraries load
-    sys.exit(130)
+except KeyboardInterrupt:  # Ctrl-C before the handler above was set
+    raise SystemExit(130) from None
 
 # --- Settings: edit these and rerun, or pass the same setting as a flag (--top-p for TOP_P; --help lists them) --------
 PROMPT = "Write a haiku about ice hockey"  # your words; Phi-3's chat format is added around them
@@ -193,6 +200,9 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         if wrong:
             fail(f"{name.upper()} {wrong}; fix it at the top of phi_console.py", code=2)
     settings = argparse.Namespace(**{**DEFAULTS, "prompt": None, **given})
+    reads_stdin = settings.chat or settings.load is not None or settings.prompt == "-"
+    if reads_stdin and sys.stdin is None:
+        fail("stdin is closed, and --chat and -p - read from it; pass the prompt with -p TEXT", code=2)
     if settings.load is not None:  # a file a flag names is a setting too: checked now, not after the download
         try:
             settings.load = read_saved(Path(settings.load), n_ctx=settings.ctx)
@@ -947,7 +957,7 @@ def typed_messages(interactive: bool) -> Iterator[str]:
     """Each message typed at `>>> ` until Ctrl-D or end of input; a line of just \"\"\" opens and closes a long one."""
     prompt, more = (">>> ", "... ") if interactive else ("", "")
     while True:
-        if signal.SIGTERM in Signals.noted:
+        if set(Signals.noted) - {signal.SIGINT}:  # SIGTERM or SIGHUP during the last reply: leave now
             raise_noted()
         Signals.noted.clear()  # a Ctrl-C noted since the last prompt has stopped what it was for
         try:
@@ -1209,8 +1219,8 @@ SHOWN_CHARS = 200  # the most of a name or value from the user that a message sh
 
 
 class Signals:
-    """Ctrl-C and SIGTERM, as on_signal takes them for the whole run, in the main thread whichever thread the kernel
-    picked: raised at once while the network or the keyboard is waited on, else noted and acted on where it is safe."""
+    """Ctrl-C, SIGTERM and SIGHUP, as on_signal takes them for the whole run, in the main thread whichever thread the
+    kernel picked: raised at once while the network or keyboard is waited on, else noted and acted on where safe."""
 
     noted: list[int] = []  # seen by llama.cpp's callbacks, which then stop their work; raise_noted() raises them
     at_once = True  # raise at once; once one is raised, later ones are noted, so that its handling is not cut short
@@ -1223,10 +1233,10 @@ def on_signal(signum: int, frame: object) -> None:
 
 
 def raise_noted() -> None:
-    """Raise what was noted, SIGTERM first, as the signal would have (KeyboardInterrupt, or exit 143)."""
+    """Raise what was noted, SIGTERM or SIGHUP first, as the signal would have (KeyboardInterrupt, or exit 128 + it)."""
     if not Signals.noted:
         return
-    signum = signal.SIGTERM if signal.SIGTERM in Signals.noted else signal.SIGINT
+    signum = next((noted for noted in Signals.noted if noted != signal.SIGINT), signal.SIGINT)
     Signals.noted.clear()
     Signals.at_once = False
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
@@ -1349,6 +1359,20 @@ def new_file_mode(path: Path) -> int:
     return stat.S_IMODE(mode)
 
 
+def guard_standard_streams() -> None:
+    """Put the null device where stdin, stdout or stderr is closed, so that no file opened later takes its number
+    (llama.cpp would log into it); Python keeps None for it. A closed stdout leaves the reply nowhere to go."""
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # for the run's whole life
+    if sys.stdout is None:
+        fail("stdout is closed: there is nowhere to write the reply")
+
+
 def read_stdin(*, n_ctx: int) -> str:
     """The text on stdin, read no further than n_ctx tokens could hold (none stands for more than TOKEN_MAX_BYTES):
     a longer pipe is refused at once, before it is tokenized, and memory stays flat."""
@@ -1378,8 +1402,10 @@ def physical_cores() -> int:
 
 
 def run() -> None:
-    """Exit codes: 0 done, 1 fault, 2 bad setting, 130 Ctrl-C, 143 SIGTERM; a closed stdout ends quietly."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    """Exit codes: 0 done, 1 fault, 2 bad setting, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; a reader that stops early
+    (`| head`) ends it quietly."""
+    guard_standard_streams()
+    for signum in ENDINGS:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
             signal.signal(signum, on_signal)
     try:
@@ -1389,6 +1415,11 @@ def run() -> None:
     except BrokenPipeError:  # `| head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as error:  # from show(), the only writer to stdout, the reply could not be written: a full disk
+        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code is not show.__code__:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unwritten goes nowhere
+        fail(f"could not write the reply to stdout: {error.strerror or error}")
     finally:  # as Python ends it gives Ctrl-C its default action back, which would kill the exit itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -18,7 +20,7 @@ import time
 import pytest
 
 from conftest import (MODEL_REPO, PATIENCE, PYTHON, RANDOM, SCRIPT, as_a_user, console, crafted, environment_for,
-                      flags, the_error)
+                      flags, start, the_error)
 from test_chat import chat, context_used, evaluated, saved_conversation, stats
 
 
@@ -160,6 +162,47 @@ def test_a_long_name_with_a_newline_is_shown_on_one_short_line(hub, warm_home, t
     assert error.startswith(f"error: cannot load {tmp_path}/yyy") and len(error) < 500
 
 
+# --- 5. Standard streams, closed or full ------------------------------------------------------------------------------
+def with_closed(descriptor: int, *args: str, hub, home):
+    """Run the script with one of its standard streams closed, as `>&-` in a shell does."""
+
+    def child() -> None:
+        as_a_user()
+        os.close(descriptor)
+
+    completed = subprocess.run([PYTHON, str(SCRIPT), *args], env=environment_for(hub, home), capture_output=True,
+                               stdin=subprocess.DEVNULL if descriptor else None, preexec_fn=child, timeout=PATIENCE)
+    return completed.returncode, completed.stdout, completed.stderr.decode()
+
+
+def test_a_closed_stdout_is_one_line_and_exit_1(hub, warm_home):
+    code, _, stderr = with_closed(1, *crafted(), hub=hub, home=warm_home)
+    assert code == 1 and stderr == "error: stdout is closed: there is nowhere to write the reply\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_full_stdout_is_one_line_and_exit_1(hub, warm_home):
+    with open("/dev/full", "wb") as full:  # every write to it fails with ENOSPC; nothing is changed by writing
+        completed = subprocess.run([PYTHON, str(SCRIPT), *crafted()], env=environment_for(hub, warm_home),
+                                   stdout=full, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=PATIENCE)
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 1 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: could not write the reply to stdout: No space left on device"]
+
+
+@pytest.mark.parametrize("args", [("-p", "-"), ("--chat",)])
+def test_a_closed_stdin_where_input_is_needed_is_one_line_and_exit_2(hub, warm_home, args):
+    code, stdout, stderr = with_closed(0, *crafted(prompt=None), *args, hub=hub, home=warm_home)
+    assert code == 2 and stdout == b""
+    assert stderr == "error: stdin is closed, and --chat and -p - read from it; pass the prompt with -p TEXT\n"
+
+
+def test_a_closed_stderr_changes_no_exit_code(hub, warm_home):
+    assert with_closed(2, *crafted(), "--temperature", "hot", hub=hub, home=warm_home)[0] == 2
+    assert with_closed(2, *crafted(sample_len=3), hub=hub, home=warm_home)[:2] == (0, b"puck puck puck\n")
+
+
 # --- 6. A pipe longer than the context could hold is refused at once, and read no further -----------------------------
 def test_a_huge_pipe_is_refused_at_once_without_being_read_whole(tmp_path, startup):
     # No hub and nothing cached: had it been tokenized, or read whole, the run would get as far as the download.
@@ -213,6 +256,41 @@ def test_set_refuses_such_a_number_too_and_the_chat_goes_on(hub, warm_home):
     assert "temperature = 0.0" in result.stderr  # as it was
 
 
+# --- 8. SIGHUP: as SIGTERM, exit 129, nothing left behind ------------------------------------------------------------
+def test_sighup_ends_a_reply_with_exit_129(hub, warm_home):
+    process = start(*crafted(sample_len=100_000, ctx=4096), hub=hub, home=warm_home)
+    assert process.stdout.read(4) == b"puck"
+    process.send_signal(signal.SIGHUP)
+    stdout, stderr = process.communicate(timeout=PATIENCE)
+    assert process.returncode == 129 and b"Traceback" not in stderr
+    assert stdout.endswith(b"\n")  # the line ended
+
+
+@pytest.fixture(scope="module")
+def random_home(hub, random_models, tmp_path_factory):
+    home = tmp_path_factory.mktemp("random_home")
+    assert console(*flags(model_repo=RANDOM, model_file="two-layers.gguf", sample_len=1), hub=hub,
+                   home=home).returncode == 0
+    return home
+
+
+def test_sighup_during_a_save_leaves_no_temporary_file(hub, random_home, tmp_path):
+    path = tmp_path / "talk.json"
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.2):
+        process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--chat",
+                        *flags(sample_len=2, temperature=0), hub=hub, home=random_home, stdin=subprocess.PIPE)
+        process.stdin.write(b"hello world " * 300 + b"\n")
+        process.stdin.flush()
+        process.stdout.readline()  # the reply: now a large conversation to save
+        process.stdin.write(f"/save {path}\n".encode())
+        process.stdin.flush()
+        time.sleep(delay)
+        process.send_signal(signal.SIGHUP)
+        _, stderr = process.communicate(timeout=PATIENCE)
+        assert process.returncode == 129 and b"Traceback" not in stderr, stderr
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 # --- 10. Only regular files are read: a FIFO or a folder is one line, never a hang ------------------------------------
 def test_load_of_a_fifo_or_a_folder_is_one_line_and_the_chat_goes_on(hub, warm_home, tmp_path, startup):
     fifo = tmp_path / "talk.json"
@@ -245,6 +323,26 @@ def test_a_cached_tokenizer_that_is_a_fifo_is_one_line(hub, tmp_path):
     os.mkfifo(blob)
     line = the_error(console(*crafted(sample_len=3), hub=hub, home=tmp_path))
     assert "is not a usable tokenizer.json (OSError: [Errno 22] not a regular file); delete it" in line
+
+
+# --- 12. Ctrl-C at any moment of start-up -----------------------------------------------------------------------------
+def test_ctrl_c_at_any_moment_of_start_up_exits_130_without_a_traceback(hub, warm_home, startup):
+    # Timed from the script's first line, `from __future__ import ...`: before it, Ctrl-C meets Python's own start-up,
+    # which no script can guard. Python says when each import is done (PYTHONPROFILEIMPORTTIME). Half the presses
+    # come in the first 50 ms, among the imports of the standard library.
+    delays = [random.uniform(0, 0.05) for _ in range(5)] + [random.uniform(0, 1.5 * startup) for _ in range(5)]
+    for delay in delays:
+        process = subprocess.Popen([PYTHON, str(SCRIPT), *crafted(sample_len=1)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, preexec_fn=as_a_user,
+                                   env={**environment_for(hub, warm_home), "PYTHONPROFILEIMPORTTIME": "1"})
+        seen = b""
+        while not seen.rstrip().endswith(b"| __future__"):
+            seen = process.stderr.readline()
+            assert seen, "the script never imported __future__"
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=PATIENCE)
+        assert b"Traceback" not in stderr and process.returncode in (0, 130), (delay, process.returncode, stderr[-800:])
 
 
 # --- 13. Paths that are not UTF-8 -------------------------------------------------------------------------------------
