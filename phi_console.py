@@ -909,6 +909,7 @@ def state_mac(path: Path) -> str:
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
 SAVED_FORMAT = "phi-console conversation 1"  # the "format" of a /save file; other files are refused
 SAVED_REPLY_TOKENS = 4096  # the most recent reply tokens a /save keeps for the repeat penalty's window
+REPLY_SHARE = 0.5  # the most of the context a reply may push history out for: a long --sample-len never empties it
 SAVED_CONVERSATION = {  # the shape of a /save file, as shape_problem reads it
     "settings": dict, "messages": [{"role": str, "content": str}], "state": {"file": str},
     "context": {"tokens": [int], "exchanges": [int], "pending": [int], "replies": [int]}}
@@ -1051,15 +1052,17 @@ class Conversation:
 
     def make_room(self, turn: int) -> bool:
         """Forget the oldest exchanges, but the one that carries the system prompt, until a message of `turn` tokens
-        and a full reply fit, and say so; False, and nothing forgotten, if the message cannot fit."""
+        and a full reply (at most a REPLY_SHARE of the context) fit, and say so; False, and nothing forgotten, if the
+        message cannot fit."""
         keep = 1 if self.settings["system"] and self.exchanges else 0
         kept_end = self.exchanges[keep] if len(self.exchanges) > keep else len(self.tokens) + len(self.pending)
         if max(kept_end, 1) + turn > self.n_ctx:  # what must stay, BOS at the least, and the message
             return False
-        forgotten = 0
-        while len(self.exchanges) > keep and \
-                len(self.tokens) + len(self.pending) + turn + self.settings["sample_len"] > self.n_ctx:
+        forgotten, reply = 0, min(self.settings["sample_len"], int(self.n_ctx * REPLY_SHARE))
+        while len(self.exchanges) > keep and len(self.tokens) + len(self.pending) + turn + reply > self.n_ctx:
             start = self.exchanges[keep]
+            first = max(len(self.messages) - 2 * (len(self.exchanges) - keep), 0)  # its message and reply
+            del self.messages[first:first + 2]
             stop = self.exchanges[keep + 1] if len(self.exchanges) > keep + 1 else len(self.tokens)
             llama_cpp.llama_memory_seq_rm(self.memory, 0, start, stop)  # forget the exchange ...
             llama_cpp.llama_memory_seq_add(self.memory, 0, stop, -1, start - stop)  # ... and slide the rest down

@@ -291,6 +291,28 @@ def test_sighup_during_a_save_leaves_no_temporary_file(hub, random_home, tmp_pat
         assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+# --- 9. A chat keeps room for its history -----------------------------------------------------------------------------
+def test_a_reply_as_long_as_the_context_does_not_push_out_the_history(hub, warm_home, tmp_path):
+    # end.gguf ends each reply at once: four short exchanges fit 256 tokens many times over.
+    lines = ["hello", "say something", "and more", "and more still", "/show", f"/save {tmp_path / 't.json'}"]
+    result = console(*crafted("end.gguf", prompt=None, sample_len=256), "--ctx", "256", "--chat", hub=hub,
+                     home=warm_home, stdin="".join(line + "\n" for line in lines).encode())
+    assert result.returncode == 0, result.stderr
+    assert "forgot" not in result.stderr and "saved 4 exchange(s)" in result.stderr
+
+
+def test_what_save_reports_is_what_the_model_still_holds(hub, warm_home, tmp_path):
+    messages = [f"hello world number {i}" for i in range(30)]
+    typed = "".join(line + "\n" for line in [*messages, f"/save {tmp_path / 't.json'}"])
+    result = console(*crafted(prompt=None, sample_len=8, system="say puck"), "--chat", "--ctx", "128", hub=hub,
+                     home=warm_home, stdin=typed.encode())
+    assert result.returncode == 0 and "forgot the oldest" in result.stderr, result.stderr
+    record = json.loads((tmp_path / "t.json").read_text())
+    said = [m["content"] for m in record["messages"] if m["role"] == "user"]
+    assert len(said) == len(record["context"]["exchanges"]) < 30
+    assert said[0] == messages[0] and said[1:] == messages[len(messages) - len(said) + 1:]  # the first: the system's
+
+
 # --- 10. Only regular files are read: a FIFO or a folder is one line, never a hang ------------------------------------
 def test_load_of_a_fifo_or_a_folder_is_one_line_and_the_chat_goes_on(hub, warm_home, tmp_path, startup):
     fifo = tmp_path / "talk.json"
