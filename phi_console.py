@@ -34,37 +34,46 @@ Then the machinery that makes it robust and fast, each part entered by one call 
 """
 from __future__ import annotations
 
-import argparse
-import codecs
-import contextlib
-import ctypes
-import errno
-import functools
-import hashlib
-import json
-import math
-import os
-import random
-import re
-import reprlib
-import shutil
-import signal
-import stat
-import sys
-import tempfile
-import time
-import urllib.parse
-from pathlib import Path
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, NoReturn
+try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script quietly, until run() takes them over
+    import signal
+    import sys
 
-try:
+    ENDINGS = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # SIGHUP: a closed terminal
+    for _signum in ENDINGS:
+        if signal.getsignal(_signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
+            signal.signal(_signum, lambda signum, frame: sys.exit(128 + signum))
+
+    import argparse
+    import codecs
+    import contextlib
+    import ctypes
+    import errno
+    import functools
+    import hashlib
+    import hmac
+    import json
+    import math
+    import os
+    import random
+    import re
+    import reprlib
+    import shutil
+    import stat
+    import tempfile
+    import time
+    import traceback
+    import urllib.parse
+    from pathlib import Path
+    from collections.abc import Callable, Iterator
+    from typing import Any, BinaryIO, NamedTuple, NoReturn
+
     import llama_cpp
     import numpy as np  # llama-cpp-python's own dependency: the token arrays a grammar is applied to
     from huggingface_hub import constants as hub_constants, errors as hub_errors
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars, tqdm as hub_tqdm
+    from huggingface_hub.utils import validate_repo_id
     try:
         from huggingface_hub.utils import httpx as hub_httpx  # huggingface_hub 2.x's HTTP client (httpx2)
     except ImportError:  # huggingface_hub 1.x, the last for Python 3.9 (macOS's own python3), uses httpx itself
@@ -72,15 +81,15 @@ try:
     from huggingface_hub.utils import logging as hub_logging
 except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed; run: pip install -r requirements.txt")
-except KeyboardInterrupt:  # Ctrl-C while the libraries load
-    sys.exit(130)
+except KeyboardInterrupt:  # Ctrl-C before the handler above was set
+    raise SystemExit(130) from None
 
 # --- Settings: edit these and rerun, or pass the same setting as a flag (--top-p for TOP_P; --help lists them) --------
 PROMPT = "Write a haiku about ice hockey"  # your words; Phi-3's chat format is added around them
 SYSTEM = None  # None, or instructions the model reads before your first message ("Answer in French.")
-TEMPERATURE = 1.0  # >= 0; 0 = greedy (always the likeliest token), higher = more random
-TOP_P = None  # None = off; else 0 < p <= 1: draw only from the likeliest tokens whose probabilities sum to p
-REPEAT_PENALTY = 1.2  # > 0; 1.0 = off, > 1.0 makes tokens the reply has already used less likely
+TEMPERATURE = 1.0  # 0, or 1e-30 .. 1e30; 0 = greedy (always the likeliest token), higher = more random
+TOP_P = None  # None = off; else 1e-30 <= p <= 1: draw only from the likeliest tokens whose probabilities sum to p
+REPEAT_PENALTY = 1.2  # 1e-30 .. 1e30; 1.0 = off, > 1.0 makes tokens the reply has already used less likely
 REPEAT_LAST_N = 64  # 0 .. 65536; how many of the reply's latest tokens the penalty looks at, 0 = none
 SAMPLE_LEN = 100  # >= 1; the most tokens to generate
 STOP = []  # texts that end the reply just before the first of them; no byte of one is ever printed
@@ -110,15 +119,18 @@ class Setting(NamedTuple):
     meaning: str  # --help's and /help's line
 
 
+TINY, HUGE = 1e-30, 1e30  # the ends of the float ranges: llama.cpp's 32-bit floats hold them, not 0 or infinity
+HUB_URL = re.compile(r"https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+)")  # a model page, pasted
 # Each setting once. Its name spells the constant (TOP_P), the flag (--top-p) and chat's `/set top_p`.
 SETTINGS: dict[str, Setting] = {
     "prompt": Setting(str, False, lambda s: s.strip() != "", "non-empty text", "your words; '-' or a pipe reads stdin"),
     "system": Setting(str, True, lambda s: s.strip() != "", "non-empty text, or none",
                       "instructions the model reads before your first message"),
-    "temperature": Setting(float, False, lambda t: t >= 0, "a number >= 0", "0 = greedy, higher = more random"),
-    "top_p": Setting(float, True, lambda p: 0 < p <= 1, "a number in (0, 1], or none",
+    "temperature": Setting(float, False, lambda t: t == 0 or TINY <= t <= HUGE, "0, or a number in 1e-30..1e30",
+                           "0 = greedy, higher = more random"),
+    "top_p": Setting(float, True, lambda p: TINY <= p <= 1, "a number in 1e-30..1, or none",
                      "draw only from the likeliest tokens whose probabilities add up to P; none = off"),
-    "repeat_penalty": Setting(float, False, lambda x: x > 0, "a number > 0",
+    "repeat_penalty": Setting(float, False, lambda x: TINY <= x <= HUGE, "a number in 1e-30..1e30",
                               "1.0 = off; above 1, tokens the reply has already used become less likely"),
     "repeat_last_n": Setting(int, False, lambda n: 0 <= n <= 65536, "an integer in 0..65536",
                              "how many of the reply's latest tokens the penalty looks at; 0 = none"),
@@ -141,12 +153,13 @@ SETTINGS: dict[str, Setting] = {
                       "for more memory and slower loads; none = with AVX-512 only on x86, else llama.cpp's choice"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk for recent runs' evaluated prompts, so that a rerun starts at once; 0 = off"),
-    "model_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name", "Hugging Face repo of the weights"),
-    "model_file": Setting(str, False, lambda s: s.strip() != "", "a file name", "the GGUF file in that repo"),
-    "model_revision": Setting(str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+    "model_repo": Setting(str, False, lambda s: repo_id_ok(s), "a repo: org/name", "Hugging Face repo of the weights"),
+    "model_file": Setting(str, False, lambda s: in_repo_ok(s), "a file's path in the repo, such as name.gguf",
+                          "the GGUF file in that repo"),
+    "model_revision": Setting(str, False, lambda s: in_repo_ok(s, ref=True), "a branch, tag or commit",
                               "revision of the model repo; a commit pins the exact bytes"),
-    "tokenizer_repo": Setting(str, False, lambda s: s.strip() != "", "a repo name", "repo of the tokenizer.json"),
-    "tokenizer_revision": Setting(str, False, lambda s: s.strip() != "", "a branch, tag or commit",
+    "tokenizer_repo": Setting(str, False, lambda s: repo_id_ok(s), "a repo: org/name", "repo of the tokenizer.json"),
+    "tokenizer_revision": Setting(str, False, lambda s: in_repo_ok(s, ref=True), "a branch, tag or commit",
                                   "revision of the tokenizer's repo"),
 }
 DEFAULTS = {name: globals()[name.upper()] for name in SETTINGS}  # each setting's constant, by its name
@@ -162,6 +175,7 @@ C_WHITESPACE = " \t\n\v\f\r"  # what an rstrip token drops after it (C's isspace
 CACHE_STEP = 256  # llama.cpp rounds a context's size up to a multiple of this many tokens
 DECODE_ABORTED = 2  # llama_decode's status when the abort callback stopped it
 GGML_LOG_LEVEL_ERROR = 3  # the level of llama.cpp's log lines that say why something failed
+TOKEN_MAX_BYTES = 64  # the most text one token stands for: SentencePiece pieces are at most 16 characters of 4 bytes
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -201,6 +215,9 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         if wrong:
             fail(f"{name.upper()} {wrong}; fix it at the top of phi_console.py", code=2)
     settings = argparse.Namespace(**{**DEFAULTS, "prompt": None, **given})
+    reads_stdin = settings.chat or settings.load is not None or settings.prompt == "-"
+    if reads_stdin and sys.stdin is None:
+        fail("stdin is closed, and --chat and -p - read from it; pass the prompt with -p TEXT", code=2)
     if settings.load is not None:  # a file a flag names is a setting too: checked now, not after the download
         try:
             settings.load = read_saved(Path(settings.load), n_ctx=settings.ctx)
@@ -224,7 +241,9 @@ def problem(name: str, value: object) -> str | None:
         ok = isinstance(value, (int, float)) and math.isfinite(value) and setting.valid(value)
     else:
         ok = isinstance(value, setting.kind) and setting.valid(value)
-    return None if ok else f"must be {setting.must_be} (got {value!r})"
+    url = HUB_URL.match(value) if isinstance(value, str) else None  # a link to the model's page, pasted
+    hint = f"; that link's repo is {url[1]}" if url else ""
+    return None if ok else f"must be {setting.must_be} (got {shorten(value, quoted=True)}){hint}"
 
 
 def read_value(name: str, text: str) -> object:
@@ -247,10 +266,10 @@ def read_value(name: str, text: str) -> object:
     return value
 
 
-def read_prompt(prompt: str | None, *, default: object) -> str:
+def read_prompt(prompt: str | None, *, default: object, n_ctx: int) -> str:
     """`-` reads stdin; so does a pipe or a file on stdin without -p; with -p TEXT, it is a document TEXT is about."""
     if prompt == "-" or stdin_is_piped():
-        document = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
+        document = read_stdin(n_ctx=n_ctx)
         # The document before the instruction: another instruction over it reuses its evaluated start (Saved prompts)
         prompt = document if prompt in ("-", None) else f"{document}\n\n{prompt}".lstrip()
     if prompt is None:
@@ -272,10 +291,7 @@ def download(files: list[tuple[str, str, str]], *, kept: Path, timeout: float, q
 def read_special_tokens(path: str) -> dict[str, int]:
     """Each special token's text and id, from tokenizer.json's `added_tokens` list; every id an integer >= 0."""
     try:
-        if os.path.getsize(path) > TOKENIZER_MAX_BYTES:
-            raise ValueError(f"{os.path.getsize(path)} bytes is far more than a tokenizer needs")
-        with open(path, encoding="utf-8") as f:
-            added = json.load(f)["added_tokens"]
+        added = json.loads(read_bounded(Path(path), limit=TOKENIZER_MAX_BYTES))["added_tokens"]
         specials = {t["content"]: t["id"] for t in added if t.get("special")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         fail(f"{path} is not a usable tokenizer.json ({type(error).__name__}: {error}); delete it to download again")
@@ -336,7 +352,7 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool
             return not Signals.noted
 
         params.progress_callback = llama_cpp.llama_progress_callback(loaded)
-        model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
     if model and Signals.noted:
         llama_cpp.llama_model_free(model)
     raise_noted()
@@ -569,7 +585,7 @@ def speed(count: int, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
     chatting = settings.chat or settings.load is not None
-    prompt = None if chatting else read_prompt(settings.prompt, default=DEFAULTS["prompt"])
+    prompt = None if chatting else read_prompt(settings.prompt, default=DEFAULTS["prompt"], n_ctx=settings.ctx)
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     repack = repack_weights(settings.repack)  # before the download: --repack is refused on a build it would crash
     if quiet:
@@ -789,10 +805,12 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 # --- Saved prompts (machinery): a rerun restores its evaluated prompt instead of evaluating it again ------------------
-# Each saved prompt is NAME.json (facts, tokens, the state's sha256) beside NAME.state. Runs share the folder: a state
+# Each saved prompt is NAME.json (facts, tokens, the state's HMAC) beside NAME.state. Runs share the folder: a state
 # is written under a unique temporary name; renaming it, writing its record and deleting happen under one lock.
-PROMPT_RECORD = {"facts": dict, "tokens": [int], "sha256": str}  # a NAME.json, as shape_problem reads it
+PROMPT_RECORD = {"facts": dict, "tokens": [int], "hmac": str}  # a NAME.json, as shape_problem reads it
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
+KEPT_MAX_BYTES = 64 * 2**20  # a record or list the script keeps is far smaller; a larger one is damaged
+KEY_BYTES = 32  # the key that signs saved states: as long as its HMAC's sha256
 
 
 def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
@@ -833,7 +851,7 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dic
     if best is None:
         return 0
     index, saved = best
-    distrust = load_state(ctx, index.with_suffix(".state"), saved["sha256"], saved["tokens"])
+    distrust = load_state(ctx, index.with_suffix(".state"), saved["hmac"], saved["tokens"])
     if distrust:  # not deleted: the next save replaces it, and another run may be writing it right now
         note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
         return 0
@@ -853,10 +871,10 @@ def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[s
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         with temporary_beside(folder / f"{name}.state") as partial:
-            sha256 = save_state(ctx, partial, tokens)
+            mac = save_state(ctx, partial, tokens)
             with WeakFileLock(folder.with_name("prompts.lock")):
                 os.replace(partial, folder / f"{name}.state")
-                write_whole(folder / f"{name}.json", json.dumps({"facts": facts, "tokens": tokens, "sha256": sha256}))
+                write_whole(folder / f"{name}.json", json.dumps({"facts": facts, "tokens": tokens, "hmac": mac}))
                 tidy_prompts(folder, keep=folder / f"{name}.json", limit=limit)
 
 
@@ -883,35 +901,50 @@ def tidy_prompts(folder: Path, *, keep: Path, limit: float) -> None:
 
 
 def save_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> str:
-    """Write llama.cpp's state of the cache, which holds `tokens` (no logits); its sha256. OSError unless whole."""
-    written = llama_cpp.llama_state_seq_save_file(ctx, str(path).encode(), 0,
+    """Write llama.cpp's state of the cache, which holds `tokens` (no logits); its HMAC. OSError unless whole."""
+    written = llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), 0,
                                                   (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
     if not written or os.path.getsize(path) != written:  # llama.cpp does not check its last write, at close
         raise OSError(errno.EIO, f"llama.cpp could not write {path.name} whole")
-    return file_digest(path)
+    return state_mac(path)
 
 
-def load_state(ctx: llama_cpp.llama_context_p, path: Path, sha256: str, tokens: list[int]) -> str | None:
-    """Load save_state's file into the empty cache if it hashes to sha256 and holds `tokens`; else say why not."""
+def load_state(ctx: llama_cpp.llama_context_p, path: Path, mac: str, tokens: list[int]) -> str | None:
+    """Load save_state's file into the empty cache if its HMAC is `mac` and it holds `tokens`; else say why not.
+    llama.cpp trusts the sizes a state file gives (a forged one aborts it): only one written here reaches it."""
     try:
-        if file_digest(path) != sha256:
-            return "it has changed since it was saved"
+        if not hmac.compare_digest(state_mac(path).encode(), mac.encode("utf-8", "replace")):
+            return "it was not saved by this installation, or has changed since"
     except OSError as error:
         return error.strerror or str(error)
     raise_noted()  # Ctrl-C while a large state was hashed: nothing has changed yet
     out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
     memory = llama_cpp.llama_get_memory(ctx)
-    read = llama_cpp.llama_state_seq_load_file(ctx, str(path).encode(), 0, out, len(tokens), ctypes.byref(count))
+    read = llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), 0, out, len(tokens), ctypes.byref(count))
     if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1 == len(tokens):
         return None
     llama_cpp.llama_memory_clear(memory, True)
     return "llama.cpp could not restore it"
 
 
+def state_mac(path: Path) -> str:
+    """A state file's HMAC under this installation's random key, made once beside the cache (its owner's only, and
+    linked into place whole): a state made or changed elsewhere cannot have the one recorded for it."""
+    key = Path(hub_constants.HF_HOME) / "phi-console" / "state.key"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        with temporary_beside(key) as new:  # mkstemp makes it 0600
+            new.write_bytes(os.urandom(KEY_BYTES))
+            with contextlib.suppress(FileExistsError):  # another run made it first: both use that one
+                os.link(new, key)
+    return file_digest(path, hmac.new(read_bounded(key, limit=KEY_BYTES), digestmod=hashlib.sha256))
+
+
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
 SAVED_FORMAT = "phi-console conversation 1"  # the "format" of a /save file; other files are refused
 SAVED_REPLY_TOKENS = 4096  # the most recent reply tokens a /save keeps for the repeat penalty's window
 SAVED_BYTES_PER_TOKEN = 1024  # far more than a /save file takes per token; a larger file is refused, not read whole
+REPLY_SHARE = 0.5  # the most of the context a reply may push history out for: a long --sample-len never empties it
 SAVED_CONVERSATION = {  # the shape of a /save file, as shape_problem reads it
     "settings": dict, "messages": [{"role": str, "content": str}], "state": {"file": str},
     "context": {"tokens": [int], "exchanges": [int], "pending": [int], "replies": [int]}}
@@ -965,7 +998,7 @@ def typed_messages(interactive: bool) -> Iterator[str]:
     """Each message typed at `>>> ` until Ctrl-D or end of input; a line of just \"\"\" opens and closes a long one."""
     prompt, more = (">>> ", "... ") if interactive else ("", "")
     while True:
-        if signal.SIGTERM in Signals.noted:
+        if set(Signals.noted) - {signal.SIGINT}:  # SIGTERM or SIGHUP during the last reply: leave now
             raise_noted()
         Signals.noted.clear()  # a Ctrl-C noted since the last prompt has stopped what it was for
         try:
@@ -992,7 +1025,7 @@ def command(talk: Conversation, line: str) -> str:
     argument = argument.strip()
     needs = {"/set": "NAME VALUE", "/save": "FILE", "/load": "FILE"}
     if (name in needs) != bool(argument):  # missing, or given to a command that takes none
-        raise ValueError(f"{name} takes {needs.get(name, 'nothing')} (got {line!r}); /help lists the commands")
+        raise ValueError(f"{name} takes {needs.get(name, 'nothing')} (got {shorten(line)}); /help lists the commands")
     if name == "/set":
         return talk.change(*argument.partition(" ")[::2])
     if name == "/load":
@@ -1009,7 +1042,7 @@ def command(talk: Conversation, line: str) -> str:
         return "\n".join([*shown, f"context: {len(talk.tokens)} of {talk.n_ctx} tokens used"])
     actions = {"/reset": talk.reset, "/stats": lambda: talk.stats, "/save": lambda: talk.save(Path(argument))}
     if name not in actions:
-        raise ValueError(f"unknown command {name!r}; /help lists the commands")
+        raise ValueError(f"unknown command {shorten(name)}; /help lists the commands")
     return actions[name]()
 
 
@@ -1050,7 +1083,7 @@ class Conversation:
     def change(self, name: str, text: str) -> str:
         """/set: a new value for a setting, checked like a flag's."""
         if name not in CHAT_SETTINGS:
-            raise ValueError(f"/set takes one of {', '.join(CHAT_SETTINGS)} (got {name!r})")
+            raise ValueError(f"/set takes one of {', '.join(CHAT_SETTINGS)} (got {shorten(name)})")
         try:
             value = read_value(name, text)
         except argparse.ArgumentTypeError as wrong:
@@ -1065,15 +1098,17 @@ class Conversation:
 
     def make_room(self, turn: int) -> bool:
         """Forget the oldest exchanges, but the one that carries the system prompt, until a message of `turn` tokens
-        and a full reply fit, and say so; False, and nothing forgotten, if the message cannot fit."""
+        and a full reply (at most a REPLY_SHARE of the context) fit, and say so; False, and nothing forgotten, if the
+        message cannot fit."""
         keep = 1 if self.settings["system"] and self.exchanges else 0
         kept_end = self.exchanges[keep] if len(self.exchanges) > keep else len(self.tokens) + len(self.pending)
         if max(kept_end, 1) + turn > self.n_ctx:  # what must stay, BOS at the least, and the message
             return False
-        forgotten = 0
-        while len(self.exchanges) > keep and \
-                len(self.tokens) + len(self.pending) + turn + self.settings["sample_len"] > self.n_ctx:
+        forgotten, reply = 0, min(self.settings["sample_len"], int(self.n_ctx * REPLY_SHARE))
+        while len(self.exchanges) > keep and len(self.tokens) + len(self.pending) + turn + reply > self.n_ctx:
             start = self.exchanges[keep]
+            first = max(len(self.messages) - 2 * (len(self.exchanges) - keep), 0)  # its message and reply
+            del self.messages[first:first + 2]
             stop = self.exchanges[keep + 1] if len(self.exchanges) > keep + 1 else len(self.tokens)
             llama_cpp.llama_memory_seq_rm(self.memory, 0, start, stop)  # forget the exchange ...
             llama_cpp.llama_memory_seq_add(self.memory, 0, stop, -1, start - stop)  # ... and slide the rest down
@@ -1142,38 +1177,43 @@ class Conversation:
 
     def save(self, path: Path) -> str:
         """/save: the conversation as JSON at `path` and llama.cpp's state beside it: both written whole, or neither."""
-        state = path.with_name(path.name + ".state")
-        if path.is_dir() or state.is_dir():  # one of the pair could be renamed into place, the other not
-            raise ValueError(f"could not save to {path}: it or {state.name} is a folder")
+        target = Path(os.path.realpath(path))  # a symlink's file is written, not the link replaced
+        state = target.with_name(target.name + ".state")
         try:
-            with temporary_beside(state) as new_state, temporary_beside(path) as new_path:
-                sha256 = save_state(self.ctx, new_state, self.tokens)
+            modes = new_file_mode(state), new_file_mode(target)  # before anything is written: both or neither
+            with temporary_beside(state) as new_state, temporary_beside(target) as new_path:
+                mac = save_state(self.ctx, new_state, self.tokens)
                 record = {"format": SAVED_FORMAT, "settings": self.settings, "messages": self.messages,
                           "context": {"tokens": self.tokens, "exchanges": self.exchanges, "pending": self.pending,
                                       "replies": self.replies[-SAVED_REPLY_TOKENS:]},
-                          "state": {"file": state.name, "sha256": sha256, **self.identity}}
+                          "state": {"file": state.name, "hmac": mac, **self.identity}}
                 text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
                 text = re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text)
                 new_path.write_text(text + "\n", encoding="utf-8")
+                os.chmod(new_state, modes[0])
+                os.chmod(new_path, modes[1])
                 os.replace(new_state, state)
-                os.replace(new_path, path)
+                os.replace(new_path, target)
         except OSError as error:  # the new pair was not written whole: the old one, if any, is as it was
-            raise ValueError(f"could not save to {path}: {error.strerror or error}; nothing was changed") from None
-        return f"saved {len(self.messages) // 2} exchange(s) to {path} (and {state.name})"
+            raise ValueError(f"could not save to {shorten(path)}: {error.strerror or error}; nothing was changed") \
+                from None
+        return f"saved {len(self.messages) // 2} exchange(s) to {shorten(path)} (and {shorten(state.name)})"
 
     def load(self, saved: dict[str, Any]) -> str:
         """/load: continue a conversation read_saved checked, from its saved state if it can be trusted, else anew."""
         context, path, state = saved["context"], saved["path"], saved["state"]
         wrong = tokens_problem(context, n_vocab=llama_cpp.llama_vocab_n_tokens(self.vocab))
         if wrong:
-            raise ValueError(f"cannot load {path}: {wrong}")
+            raise ValueError(f"cannot load {shorten(path)}: {wrong}")
         self.reset()
         if any(state.get(key) != value for key, value in self.identity.items()):
             distrust = "it was saved by another model file, llama.cpp build or context settings"
         else:
-            distrust = load_state(self.ctx, path.with_name(state["file"]), str(state.get("sha256")), context["tokens"])
+            beside = Path(os.path.realpath(path)).with_name(state["file"])  # as /save wrote it, through a symlink
+            distrust = load_state(self.ctx, beside, str(state.get("hmac")), context["tokens"])
         if distrust:
-            note(f"note: not using {state['file']} ({distrust}); evaluating the conversation again", quiet=self.quiet)
+            note(f"note: not using {shorten(state['file'])} ({distrust}); evaluating the conversation again",
+                 quiet=self.quiet)
             try:
                 evaluate(self.ctx, context["tokens"])
             except KeyboardInterrupt:
@@ -1183,7 +1223,8 @@ class Conversation:
         self.replies, self.messages = context["replies"], saved["messages"]
         self.settings.update(saved["settings"])
         self.new_sampler()
-        return f"loaded {len(self.messages) // 2} exchange(s) from {path}: {len(self.tokens)} tokens of context"
+        held = f"{len(self.tokens)} tokens of context"
+        return f"loaded {len(self.messages) // 2} exchange(s) from {shorten(path)}: {held}"
 
 
 def flags_over_saved(saved: dict[str, Any], given: dict[str, Any]) -> str:
@@ -1202,19 +1243,16 @@ def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
     A file larger than any /save of this context can be is refused after reading only that much of it."""
     limit = (n_ctx + SAVED_REPLY_TOKENS) * SAVED_BYTES_PER_TOKEN
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError(f"it is larger than a conversation of {n_ctx} tokens can be ({limit} bytes)")
-        saved = json.loads(data.decode("utf-8"))
+        saved = json.loads(read_bounded(path, limit=limit))  # larger than any save of this context can be: refused
     except (OSError, ValueError, RecursionError) as error:
-        raise ValueError(f"cannot load {path}: {getattr(error, 'strerror', None) or error}") from None
+        raise ValueError(f"cannot load {shorten(path)}: {getattr(error, 'strerror', None) or error}") from None
     wrong = saved_problem(saved)
     if wrong:
-        raise ValueError(f"cannot load {path}: {wrong}")
+        raise ValueError(f"cannot load {shorten(path)}: {wrong}")
     held = len(saved["context"]["tokens"]) + len(saved["context"]["pending"])
     if held >= n_ctx:
-        raise ValueError(f"{path} holds {held} tokens and the context holds {n_ctx}; start with a larger --ctx")
+        raise ValueError(f"{shorten(path)} holds {held} tokens and the context holds {n_ctx}; "
+                         "start with a larger --ctx")
     settings = {name: saved["settings"].get(name, DEFAULTS[name]) for name in CHAT_SETTINGS}  # older files lack some
     return {**saved, "settings": settings, "path": path}
 
@@ -1228,7 +1266,7 @@ def saved_problem(saved: Any) -> str | None:
     if wrong:
         return wrong
     file, exchanges, length = saved["state"]["file"], saved["context"]["exchanges"], len(saved["context"]["tokens"])
-    if Path(file).name != file or file in ("", ".."):
+    if Path(file).name != file or file in ("", "..") or "\0" in file:  # a NUL is no file name either
         return f"state.file must name a file beside it (got {reprlib.repr(file)})"
     for index, start in enumerate(exchanges):  # each starts inside the tokens: make_room slides the cache by them
         if not 0 < start < length:
@@ -1368,9 +1406,12 @@ def read_texts(text: str) -> object:
 
 
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
+SHOWN_CHARS = 200  # the most of a name or value from the user that a message shows
+
+
 class Signals:
-    """Ctrl-C and SIGTERM, as on_signal takes them for the whole run, in the main thread whichever thread the kernel
-    picked: raised at once while the network or the keyboard is waited on, else noted and acted on where it is safe."""
+    """Ctrl-C, SIGTERM and SIGHUP, as on_signal takes them for the whole run, in the main thread whichever thread the
+    kernel picked: raised at once while the network or keyboard is waited on, else noted and acted on where safe."""
 
     noted: list[int] = []  # seen by llama.cpp's callbacks, which then stop their work; raise_noted() raises them
     at_once = True  # raise at once; once one is raised, later ones are noted, so that its handling is not cut short
@@ -1383,10 +1424,10 @@ def on_signal(signum: int, frame: object) -> None:
 
 
 def raise_noted() -> None:
-    """Raise what was noted, SIGTERM first, as the signal would have (KeyboardInterrupt, or exit 143)."""
+    """Raise what was noted, SIGTERM or SIGHUP first, as the signal would have (KeyboardInterrupt, or exit 128 + it)."""
     if not Signals.noted:
         return
-    signum = signal.SIGTERM if signal.SIGTERM in Signals.noted else signal.SIGINT
+    signum = next((noted for noted in Signals.noted if noted != signal.SIGINT), signal.SIGINT)
     Signals.noted.clear()
     Signals.at_once = False
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
@@ -1459,9 +1500,9 @@ def progress(what: str, *, total: float, unit: str) -> hub_tqdm:
 
 
 def file_digest(path: Path, digest: Any = None) -> str:
-    """The hex digest of a file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
+    """The hex digest of a regular file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
     digest = digest or hashlib.sha256()
-    with open(path, "rb") as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as bar:
+    with open_regular(path) as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as bar:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -1493,7 +1534,7 @@ def write_whole(path: Path, text: str) -> None:
 def read_json(path: Path) -> dict[str, Any]:
     """A small JSON object the script keeps; {} if it is missing or damaged (it is only ever a shortcut)."""
     with contextlib.suppress(OSError, ValueError, RecursionError):
-        seen = json.loads(path.read_text())
+        seen = json.loads(read_bounded(path, limit=KEPT_MAX_BYTES))
         return seen if isinstance(seen, dict) else {}
     return {}
 
@@ -1509,6 +1550,85 @@ def shape_problem(value: Any, shape: Any, where: str) -> str | None:
         return next((wrong for wrong in inner if wrong), None)
     kind = type(shape) if isinstance(shape, (dict, list)) else shape
     return None if type(value) is kind else f"{where} must be {kinds[kind]} (got {reprlib.repr(value)})"
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """A file opened for reading, if it is a regular one: a FIFO, device or folder is an OSError, never a wait (the
+    open does not block on a FIFO without a writer, so Ctrl-C and SIGTERM keep working)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)  # Windows: bytes as they are
+    descriptor = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
+def read_bounded(source: Path | BinaryIO, *, limit: int, what: str = "the file") -> bytes:
+    """A regular file's bytes, or an open stream's (stdin), read no further than one byte past `limit`: more is a
+    ValueError, so that memory stays flat."""
+    with open_regular(source) if isinstance(source, Path) else contextlib.nullcontext(source) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} is longer than {limit} bytes")
+    return data
+
+
+def shorten(name: object, *, quoted: bool = False) -> str:
+    """A name or value from the user (a file, state.file, a repo) as one readable line: controls escaped, long ones
+    cut in the middle; quoted, as Python writes a value."""
+    text = repr(name) if quoted else repr(str(name))[1:-1]
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS // 2]}...{text[-SHOWN_CHARS // 2:]}"
+
+
+def repo_id_ok(name: str) -> bool:
+    """Is it a repo name by huggingface_hub's own rule (org/name), that the cache and the hub's links can hold?"""
+    with contextlib.suppress(hub_errors.HFValidationError):
+        return validate_repo_id(name) is None  # it raises, or returns nothing
+    return False
+
+
+def in_repo_ok(name: str, *, ref: bool = False) -> bool:
+    """Is it a file's path in a repo (or with ref, a branch, tag or commit) that stays inside the cache's folder for
+    it: '/'-separated parts, none empty, '.' or '..', printable; a ref also without git's forbidden characters?"""
+    forbidden = set(" ~^:?*[\\") if ref else set("\\")
+    parts_ok = all(part not in ("", ".", "..") for part in name.split("/"))
+    return parts_ok and name.isprintable() and not forbidden & set(name)
+
+
+def new_file_mode(path: Path) -> int:
+    """The mode for a file written in place of `path`: its own, or a new file's (the umask's default); OSError for
+    anything but a regular file (a FIFO, device, socket or folder is never replaced)."""
+    if not os.path.exists(path):
+        umask = os.umask(0o022)  # the only way to read it: set it, and set it back
+        os.umask(umask)
+        return 0o666 & ~umask
+    if not stat.S_ISREG(mode := os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return stat.S_IMODE(mode)
+
+
+def guard_standard_streams() -> None:
+    """Put the null device where stdin, stdout or stderr is closed, so that no file opened later takes its number
+    (llama.cpp would log into it); Python keeps None for it. A closed stdout leaves the reply nowhere to go."""
+    for descriptor in (0, 1, 2):
+        try:
+            os.fstat(descriptor)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # for the run's whole life
+    if sys.stdout is None:
+        fail("stdout is closed: there is nowhere to write the reply")
+
+
+def read_stdin(*, n_ctx: int) -> str:
+    """The text on stdin, read no further than n_ctx tokens could hold (none stands for more than TOKEN_MAX_BYTES):
+    a longer pipe is refused at once, before it is tokenized, and memory stays flat."""
+    try:
+        data = read_bounded(sys.stdin.buffer, limit=n_ctx * TOKEN_MAX_BYTES, what="the prompt on stdin")
+    except ValueError as wrong:
+        fail(f"{wrong}, more than {n_ctx} tokens of context hold; shorten it or raise --ctx", code=2)
+    return data.decode("utf-8", errors="replace").strip()
 
 
 def stdin_is_piped() -> bool:
@@ -1530,9 +1650,10 @@ def physical_cores() -> int:
 
 
 def run() -> None:
-    """Exit codes: 0 done, 1 fault, 2 bad setting, 3 reply short of its grammar's end, 130 Ctrl-C, 143 SIGTERM; a
-    closed stdout ends quietly."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    """Exit codes: 0 done, 1 fault, 2 bad setting, 3 reply short of its grammar's end, 130 Ctrl-C, 143 SIGTERM, 129
+    SIGHUP; a reader that stops early (`| head`) ends it quietly."""
+    guard_standard_streams()
+    for signum in ENDINGS:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
             signal.signal(signum, on_signal)
     try:
@@ -1544,6 +1665,11 @@ def run() -> None:
     except BrokenPipeError:  # `| head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except OSError as error:  # from show(), the only writer to stdout, the reply could not be written: a full disk
+        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code is not show.__code__:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unwritten goes nowhere
+        fail(f"could not write the reply to stdout: {error.strerror or error}")
     finally:  # as Python ends it gives Ctrl-C its default action back, which would kill the exit itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 

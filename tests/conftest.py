@@ -204,7 +204,7 @@ def storm(process: subprocess.Popen, until: threading.Event) -> threading.Thread
 
 
 def as_a_user(*, max_file_size: int | None = None) -> None:
-    """In the child before exec: Ctrl-C and SIGTERM act as they do for someone at a terminal.
+    """In the child before exec: Ctrl-C, SIGTERM and SIGHUP act as they do for someone at a terminal.
 
     Whoever started pytest may ignore SIGINT (a background job does, and children inherit it); the script
     rightly keeps an inherited ignore, so a test that presses Ctrl-C must restore it. max_file_size caps
@@ -212,6 +212,7 @@ def as_a_user(*, max_file_size: int | None = None) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a closed terminal's
     if max_file_size is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))

@@ -455,7 +455,7 @@ def damage(record: dict, part: str) -> str:
         return "context.exchanges must be in order"
     if part == "a setting out of range":
         record["settings"]["temperature"] = -1
-        return "settings.temperature must be a number >= 0 (got -1)"
+        return "settings.temperature must be 0, or a number in 1e-30..1e30 (got -1)"
     if part == "an exchange beyond its tokens":  # it would make the cache slide the wrong way when room is made
         record["context"]["exchanges"][-1] = len(record["context"]["tokens"]) + 50
         return f"context.exchanges[1] is {len(record['context']['tokens']) + 50}, not a position in the context"

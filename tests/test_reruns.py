@@ -116,7 +116,7 @@ def test_what_a_shared_start_leaves_in_the_cache_is_what_evaluating_the_whole_pr
     record = json.loads((tmp_path / "fresh" / "phi-console" / "prompts").glob("*.json").__next__().read_text())
     ours = [index for index in (home / "phi-console" / "prompts").glob("*.json")
             if json.loads(index.read_text())["tokens"] == record["tokens"]]
-    assert json.loads(ours[0].read_text())["sha256"] == record["sha256"]
+    assert json.loads(ours[0].read_text())["hmac"] == record["hmac"]
 
 
 def test_a_different_prompt_is_never_answered_from_another_prompts_state(hub, home):
