@@ -224,6 +224,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
         settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
+    route_llama_log(verbose=settings.verbose)  # from here on, llama.cpp's log shows only with --verbose
     llama_cpp.llama_sampler_free(grammar_sampler(None, vars(settings)))  # parsed now: a GrammarError ends in run()
     return settings
 
@@ -282,26 +283,10 @@ def read_prompt(prompt: str | None, *, default: object, n_ctx: int) -> str:
 
 
 # --- Download: the cache answers first, so a cached run sends no request at all ---------------------------------------
-def download(files: list[tuple[str, str, str]], *, kept: Path, timeout: float, quiet: bool) -> list[str]:
+def download(files: list[tuple[str, str, str]], *, quiet: bool) -> list[str]:
     """Local paths of (repo, file, revision) triples, from the cache where it holds them intact, else from the hub."""
     cached = [try_to_load_from_cache(repo, name, revision=revision) for repo, name, revision in files]
-    return fetch_files(files, cached, kept=kept, timeout=timeout, quiet=quiet)
-
-
-def read_special_tokens(path: str) -> dict[str, int]:
-    """Each special token's text and id, from tokenizer.json's `added_tokens` list; every id an integer >= 0."""
-    try:
-        added = json.loads(read_bounded(Path(path), limit=TOKENIZER_MAX_BYTES))["added_tokens"]
-        specials = {t["content"]: t["id"] for t in added if t.get("special")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
-        fail(f"{path} is not a usable tokenizer.json ({type(error).__name__}: {error}); delete it to download again")
-    for name, token in specials.items():
-        if type(token) is not int or token < 0:  # JSON's true, 1e3 and "5" are no ids; llama.cpp aborts on -5
-            fail(f"{path} gives {name} the id {token!r}, not a token id (an integer >= 0); delete it to download again")
-    absent = [name for name in CHAT_TOKENS if name not in specials]
-    if absent:
-        fail(f"{path} lacks the special tokens {', '.join(absent)}: is --tokenizer-repo a Phi-3 tokenizer?")
-    return specials
+    return fetch_files(files, cached, quiet=quiet)
 
 
 # --- Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose ----------------------------------
@@ -321,23 +306,8 @@ def repack_weights(setting: bool | None) -> bool:
     return b"AVX512 = 1" in features or b"AVX2 = 1" not in features
 
 
-def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool) -> llama_cpp.llama_model_p:
+def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.llama_model_p:
     """The model, its weights mapped from the file; with repack, llama.cpp's choice of layout for this CPU."""
-    errors: list[str] = []  # llama.cpp's error lines, to explain a failure in one line
-
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:  # its log shows only with --verbose
-        message = text.decode("utf-8", errors="replace")
-        if verbose:
-            sys.stderr.write(message)
-        elif level == GGML_LOG_LEVEL_ERROR and message.strip():
-            errors.append(message.strip())
-        nodes = re.search(r"graph: nodes = (\d+)", message)  # each new context logs the size of a batch's graph
-        if nodes:
-            GraphSize.nodes = int(nodes[1])
-
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
-    load_model.keep_alive = on_log  # type: ignore[attr-defined]  # llama.cpp holds a raw pointer to it
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_default_params()
     if gpu_layers is None:
@@ -357,26 +327,9 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool, verbose: bool
         llama_cpp.llama_model_free(model)
     raise_noted()
     if not model:
-        reason = errors[0].split(": ", 1)[-1] if errors else "llama.cpp could not read it"
+        reason = LlamaLog.errors[0].split(": ", 1)[-1] if LlamaLog.errors else "llama.cpp could not read it"
         fail(f"{path} is not a loadable GGUF model ({reason}); delete it to download it again")
     return model
-
-
-def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_ctx: int) -> None:
-    """The model must fit the settings, and agree with tokenizer.json on the special tokens' ids."""
-    trained = llama_cpp.llama_model_n_ctx_train(model)
-    if n_ctx > trained:
-        fail(f"--ctx {n_ctx} is larger than the model's context of {trained} tokens", code=2)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    apart = "the model and tokenizer files do not belong together"
-    for name, token in specials.items():
-        if token >= n_vocab:  # llama.cpp would abort on it
-            fail(f"tokenizer.json gives {name} the id {token}, but the GGUF has only {n_vocab} tokens: {apart}")
-    for name in CHAT_TOKENS:
-        text = llama_cpp.llama_vocab_get_text(vocab, specials[name]).decode("utf-8", "replace")
-        if text != name:
-            fail(f"tokenizer.json gives {name} the id {specials[name]}, but the GGUF has {text!r} there: {apart}")
 
 
 def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
@@ -508,22 +461,27 @@ def generate(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler
             fail("llama.cpp failed to evaluate a token")
 
 
+@contextlib.contextmanager
+def reply_line() -> Iterator[None]:
+    """The reply's line on stdout, ended however the reply ends: done, or stopped by Ctrl-C (its prompt too)."""
+    try:
+        yield
+    finally:
+        sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
+
+
 def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float],
          text: list[str] | None = None) -> None:
-    """Print the reply as it comes, ending the line even when interrupted; note each token, its time and text."""
-    out = sys.stdout.buffer
-    try:
-        for token, piece in pieces:
-            stamps.append(time.perf_counter())
-            tokens.append(token)
-            if text is not None:
-                text.append(piece)
-            if piece:
-                out.write(piece.encode("utf-8"))
-                out.flush()
-    finally:
-        out.write(b"\n")
-        out.flush()
+    """Print the reply as it comes; note each token, its time and text."""
+    for token, piece in pieces:
+        stamps.append(time.perf_counter())
+        tokens.append(token)
+        if text is not None:
+            text.append(piece)
+        if piece:
+            sys.stdout.buffer.write(piece.encode("utf-8"))
+            sys.stdout.buffer.flush()
 
 
 def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str, int], n_ctx: int,
@@ -542,7 +500,7 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
     try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
         # restored or not: both runs then compute the same numbers, and give the same reply
         with reusing_prompt(ctx, tokens[:-1], identity | key, folder=prompts, limit=prompt_cache_gb * 1e9,
-                            quiet=quiet) as restored:
+                            quiet=quiet) as restored, reply_line():
             evaluate(ctx, tokens[restored:-1])  # the penalty's window never sees the prompt: it is not the sampler's
             evaluate(ctx, tokens[-1:])
             show(generate(ctx, sampler=make_sampler(vocab, sampling, seed=seed, window=[]), grammar=grammar,
@@ -593,16 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     if not verbose:
         hub_logging.set_verbosity_error()  # the library's retry and cache chatter
 
-    kept = Path(hub_constants.HF_HOME) / "phi-console"  # what this script keeps beside the hub's cache
     model_path, tokenizer_path = download(  # 2. download: the cache first, the hub only for what it lacks
         [(settings.model_repo, settings.model_file, settings.model_revision),
-         (settings.tokenizer_repo, "tokenizer.json", settings.tokenizer_revision)],
-        kept=kept, timeout=hub_constants.HF_HUB_ETAG_TIMEOUT, quiet=quiet)
+         (settings.tokenizer_repo, "tokenizer.json", settings.tokenizer_revision)], quiet=quiet)
     specials = read_special_tokens(tokenizer_path)
 
     with ctrl_c(at_once=False):  # 3. load. From here on llama.cpp works: Ctrl-C stops it where that is safe
         started = time.perf_counter()
-        model = load_model(model_path, gpu_layers=settings.gpu_layers, repack=repack, verbose=verbose)
+        model = load_model(model_path, gpu_layers=settings.gpu_layers, repack=repack)
         check_model(model, specials, n_ctx=settings.ctx)
         context = dict(threads=settings.threads or physical_cores(),
                        gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
@@ -612,18 +568,52 @@ def main(argv: list[str] | None = None) -> int:
             return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
                         identity=model_identity, load=settings.load, quiet=quiet, verbose=verbose)
         return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
-                        sampling=sampling, identity=model_identity, prompts=kept / "prompts",
+                        sampling=sampling, identity=model_identity, prompts=DATA_DIR / "prompts",
                         prompt_cache_gb=settings.prompt_cache_gb, started=started, quiet=quiet, verbose=verbose)
 
 
 # --- Download (machinery): files checked against the hub's hash, a stopped download resumed; HF_TOKEN for the hub only
 LINK_REFRESHES = 3  # fresh download links asked of the hub in a row, with no byte between, before giving up
+DATA_DIR = Path(hub_constants.HF_HOME) / "phi-console"  # what this script keeps beside the hub's cache
+TIMEOUT = hub_constants.HF_HUB_ETAG_TIMEOUT  # seconds to wait for the hub's answer (HF_HUB_ETAG_TIMEOUT sets it)
 
 
-def fetch_files(files: list[tuple[str, str, str]], cached: list[Any], *, kept: Path, timeout: float,
-                quiet: bool) -> list[str]:
+def read_special_tokens(path: str) -> dict[str, int]:
+    """Each special token's text and id, from tokenizer.json's `added_tokens` list; every id an integer >= 0."""
+    try:
+        added = json.loads(read_bounded(Path(path), limit=TOKENIZER_MAX_BYTES))["added_tokens"]
+        specials = {t["content"]: t["id"] for t in added if t.get("special")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        fail(f"{path} is not a usable tokenizer.json ({type(error).__name__}: {error}); delete it to download again")
+    for name, token in specials.items():
+        if type(token) is not int or token < 0:  # JSON's true, 1e3 and "5" are no ids; llama.cpp aborts on -5
+            fail(f"{path} gives {name} the id {token!r}, not a token id (an integer >= 0); delete it to download again")
+    absent = [name for name in CHAT_TOKENS if name not in specials]
+    if absent:
+        fail(f"{path} lacks the special tokens {', '.join(absent)}: is --tokenizer-repo a Phi-3 tokenizer?")
+    return specials
+
+
+def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_ctx: int) -> None:
+    """The model must fit the settings, and agree with tokenizer.json on the special tokens' ids."""
+    trained = llama_cpp.llama_model_n_ctx_train(model)
+    if n_ctx > trained:
+        fail(f"--ctx {n_ctx} is larger than the model's context of {trained} tokens", code=2)
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    apart = "the model and tokenizer files do not belong together"
+    for name, token in specials.items():
+        if token >= n_vocab:  # llama.cpp would abort on it
+            fail(f"tokenizer.json gives {name} the id {token}, but the GGUF has only {n_vocab} tokens: {apart}")
+    for name in CHAT_TOKENS:
+        text = llama_cpp.llama_vocab_get_text(vocab, specials[name]).decode("utf-8", "replace")
+        if text != name:
+            fail(f"tokenizer.json gives {name} the id {specials[name]}, but the GGUF has {text!r} there: {apart}")
+
+
+def fetch_files(files: list[tuple[str, str, str]], cached: list[Any], *, quiet: bool) -> list[str]:
     """The cached paths of (repo, file, revision) triples that still hash to the hub's etag; the others fetched."""
-    paths = [path if isinstance(path, str) and verified(path, kept=kept, quiet=quiet) else None for path in cached]
+    paths = [path if isinstance(path, str) and verified(path, quiet=quiet) else None for path in cached]
     missing = [(files[index], index) for index, path in enumerate(paths) if path is None]
     if not missing:
         return paths  # type: ignore[return-value]
@@ -632,8 +622,8 @@ def fetch_files(files: list[tuple[str, str, str]], cached: list[Any], *, kept: P
         fail(f"{names} not in the cache and HF_HUB_OFFLINE is set; run once with a network connection")
     metas = []  # one HEAD per file, without the library's retries: an unreachable hub is reported in seconds
     for (repo, name, revision), _ in missing:
-        head = functools.partial(get_hf_file_metadata, hf_hub_url(repo, name, revision=revision), timeout=timeout)
-        metas.append(hub_call(head, repo=repo, name=name, revision=revision, timeout=timeout))
+        head = functools.partial(get_hf_file_metadata, hf_hub_url(repo, name, revision=revision), timeout=TIMEOUT)
+        metas.append(hub_call(head, repo=repo, name=name, revision=revision))
     partials = [partial_file(repo, name, meta.etag) for ((repo, name, _), _), meta in zip(missing, metas) if meta.etag]
     have = 0  # what stopped runs left
     for partial in partials:
@@ -648,20 +638,20 @@ def fetch_files(files: list[tuple[str, str, str]], cached: list[Any], *, kept: P
     resumed = f", resuming after the {have / 1e9:.2f} GB a stopped run left" if have else ""
     note(f"downloading {needed / 1e9:.2f} GB into {cache}{resumed}; later runs start from this cache", quiet=quiet)
     for ((repo, name, revision), index), meta in zip(missing, metas):
-        get = functools.partial(fetch, repo, name, revision, meta, kept=kept, timeout=timeout)
-        paths[index] = hub_call(get, repo=repo, name=name, revision=revision, timeout=timeout, size=meta.size or 0)
+        get = functools.partial(fetch, repo, name, revision, meta)
+        paths[index] = hub_call(get, repo=repo, name=name, revision=revision, size=meta.size or 0)
     return paths  # type: ignore[return-value]
 
 
-def verified(path: str, *, kept: Path, quiet: bool) -> bool:
+def verified(path: str, *, quiet: bool) -> bool:
     """Does a cached file hash to the etag it is stored under (huggingface_hub checks only its size)? Hashed again
     only when its size or mtime changed; a damaged one is deleted, to be fetched again."""
     blob = os.path.realpath(path)
     info = os.stat(blob)
-    if read_json(kept / "verified.json").get(blob) == [info.st_size, info.st_mtime_ns]:
+    if read_json(DATA_DIR / "verified.json").get(blob) == [info.st_size, info.st_mtime_ns]:
         return True
     if hashes_to(Path(blob), os.path.basename(blob)):
-        remember_verified(blob, kept=kept)
+        remember_verified(blob)
         return True
     damaged = f"the cached {path} is damaged (its hash does not match the hub's)"
     if hub_constants.HF_HUB_OFFLINE:
@@ -683,16 +673,16 @@ def hashes_to(path: Path, etag: str) -> bool:
     return file_digest(path, digest) == etag
 
 
-def remember_verified(blob: str, *, kept: Path) -> None:
+def remember_verified(blob: str) -> None:
     """Note a blob's size and mtime as verified, so that later runs need not hash it again."""
     info = os.stat(blob)
-    seen = {**read_json(kept / "verified.json"), blob: [info.st_size, info.st_mtime_ns]}
+    seen = {**read_json(DATA_DIR / "verified.json"), blob: [info.st_size, info.st_mtime_ns]}
     with contextlib.suppress(OSError):  # a read-only cache just means hashing again next time
-        kept.mkdir(parents=True, exist_ok=True)
-        write_whole(kept / "verified.json", json.dumps(seen))
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        write_whole(DATA_DIR / "verified.json", json.dumps(seen))
 
 
-def hub_call(call: Callable[[], Any], *, repo: str, name: str, revision: str, timeout: float, size: int = 0) -> Any:
+def hub_call(call: Callable[[], Any], *, repo: str, name: str, revision: str, size: int = 0) -> Any:
     """Call huggingface_hub, turning each way it can fail into one line that says what to do."""
     endpoint = hub_constants.ENDPOINT
     try:
@@ -709,7 +699,7 @@ def hub_call(call: Callable[[], Any], *, repo: str, name: str, revision: str, ti
         status = error.response.status_code if error.response is not None else "?"
         fail(f"the hub at {endpoint} answered HTTP {status} for {repo}/{name}; try again later")
     except (hub_httpx.TimeoutException, TimeoutError):
-        fail(f"the hub at {endpoint} did not answer within {timeout:g} s while fetching {repo}/{name}; "
+        fail(f"the hub at {endpoint} did not answer within {TIMEOUT:g} s while fetching {repo}/{name}; "
              "check your connection and run again (HF_HUB_ETAG_TIMEOUT sets the wait)")
     except (hub_httpx.HTTPError, ConnectionError) as error:
         fail(f"cannot reach the hub at {endpoint} ({type(error).__name__}) and {repo}/{name} is not cached; "
@@ -727,11 +717,11 @@ def partial_file(repo: str, name: str, etag: str) -> Path:
     return folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.{etag}.partial"
 
 
-def fetch(repo: str, name: str, revision: str, meta: Any, *, kept: Path, timeout: float) -> str:
+def fetch(repo: str, name: str, revision: str, meta: Any) -> str:
     """Download one file into the cache, in a partial file that a stopped run leaves for the next to continue with a
     Range request (huggingface_hub deletes its own); nothing unverified enters the cache."""
     if not meta.etag or not meta.location:  # a server that names no blob: the library's download, unresumed
-        return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)
+        return hf_hub_download(repo, name, revision=revision, etag_timeout=TIMEOUT)
     folder = repo_folder_name(repo_id=repo, repo_type="model")
     blob, partial = Path(hub_constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag, partial_file(repo, name, meta.etag)
     lock = Path(hub_constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
@@ -743,18 +733,18 @@ def fetch(repo: str, name: str, revision: str, meta: Any, *, kept: Path, timeout
         for leftover in partial.parent.glob(f"{meta.etag}.*.incomplete"):  # the library's, from killed runs
             leftover.unlink(missing_ok=True)
         while not blob.exists():
-            resumed = fetch_rest(repo, name, revision, meta, partial, timeout=timeout)
+            resumed = fetch_rest(repo, name, revision, meta, partial)
             if hashes_to(partial, meta.etag):
                 os.replace(partial, blob)
-                remember_verified(str(blob), kept=kept)
+                remember_verified(str(blob))
             else:
                 partial.unlink()
                 if not resumed:  # a damaged partial costs one fresh download; a damaged fresh one is an error
                     fail(f"{repo}/{name} arrived damaged (its hash does not match the hub's); run again to retry")
-    return hf_hub_download(repo, name, revision=revision, etag_timeout=timeout)  # links it, as its own downloads
+    return hf_hub_download(repo, name, revision=revision, etag_timeout=TIMEOUT)  # links it, as its own downloads
 
 
-def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *, timeout: float) -> int:
+def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path) -> int:
     """Append what `partial` lacks of the file, with the library's http_get; how many bytes it had. A signed link
     expires (after an hour on huggingface.co): when its host refuses it, the hub is asked for a fresh one."""
     hub_constants.DOWNLOAD_CHUNK_SIZE = 1 << 20  # written every MiB (not 10): a stop loses at most that
@@ -784,7 +774,7 @@ def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path, *,
                 if refusals > LINK_REFRESHES:
                     fail(f"the file host refused {repo}/{name} with HTTP {status} {refusals} times in a row, also with "
                          f"fresh links from the hub; run again later to resume after the {have / 1e9:.2f} GB here")
-            fresh = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=timeout)
+            fresh = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision), timeout=TIMEOUT)
             if fresh.etag != meta.etag or not fresh.location:
                 fail(f"{repo}/{name} changed on the hub during the download; run again to download the new file")
             meta = fresh
@@ -805,9 +795,9 @@ def origin(url: str) -> tuple[str, str, int | None]:
 
 
 # --- Saved prompts (machinery): a rerun restores its evaluated prompt instead of evaluating it again ------------------
-# Each saved prompt is NAME.json (facts, tokens, the state's HMAC) beside NAME.state. Runs share the folder: a state
+# Each saved prompt is NAME.json (key, tokens, the state's HMAC) beside NAME.state. Runs share the folder: a state
 # is written under a unique temporary name; renaming it, writing its record and deleting happen under one lock.
-PROMPT_RECORD = {"facts": dict, "tokens": [int], "hmac": str}  # a NAME.json, as shape_problem reads it
+PROMPT_RECORD = {"key": dict, "tokens": [int], "hmac": str}  # a NAME.json, as shape_problem reads it
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
 KEPT_MAX_BYTES = 64 * 2**20  # a record or list the script keeps is far smaller; a larger one is damaged
 KEY_BYTES = 32  # the key that signs saved states: as long as its HMAC's sha256
@@ -822,30 +812,30 @@ def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> 
 
 
 @contextlib.contextmanager
-def reusing_prompt(ctx: llama_cpp.llama_context_p, held: list[int], facts: dict[str, Any], *, folder: Path,
+def reusing_prompt(ctx: llama_cpp.llama_context_p, prefix: list[int], key: dict[str, Any], *, folder: Path,
                    limit: float, quiet: bool) -> Iterator[int]:
-    """Restore the longest start of `held` a run saved under these facts, yield its length; save it if evaluated."""
-    restored = restore_prompt(ctx, held, facts, folder=folder, quiet=quiet) if limit else 0
+    """Restore the longest start of the prompt's prefix a run saved under this key (the model, build and context that
+    made it), yield its length; save the prefix if it was evaluated here."""
+    restored = restore_prompt(ctx, prefix, key, folder=folder, quiet=quiet) if limit else 0
     try:
         yield restored
     finally:
-        evaluated = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1 >= len(held)
-        if limit and restored < len(held) and evaluated:  # also when Ctrl-C stopped the reply
-            save_prompt(ctx, held, facts, folder=folder, limit=limit)
+        evaluated = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1 >= len(prefix)
+        if limit and restored < len(prefix) and evaluated:  # also when Ctrl-C stopped the reply
+            save_prompt(ctx, prefix, key, folder=folder, limit=limit)
 
 
-def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[str, Any], *, folder: Path,
+def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[str, Any], *, folder: Path,
                    quiet: bool) -> int:
     """Restore the saved prompt that gives the longest start of `tokens`: all of them, or whole batches; its length."""
     best, usable = None, 0
     for index in folder.glob("*.json"):
         saved = read_json(index)
-        if saved.get("facts") != facts or shape_problem(saved, PROMPT_RECORD, "record"):
+        if saved.get("key") != key or shape_problem(saved, PROMPT_RECORD, "record"):
             continue
-        common = next((i for i, (a, b) in enumerate(zip(saved["tokens"], tokens)) if a != b),
-                      min(len(saved["tokens"]), len(tokens)))
+        common = len(os.path.commonprefix([saved["tokens"], tokens]))  # it compares lists too
         whole = common == len(saved["tokens"]) == len(tokens)
-        length = len(tokens) if whole else common // facts["batch"] * facts["batch"]
+        length = len(tokens) if whole else common // key["batch"] * key["batch"]
         if length > usable:
             best, usable = (index, saved), length
     if best is None:
@@ -861,20 +851,20 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dic
     return usable
 
 
-def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], facts: dict[str, Any], *, folder: Path,
+def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[str, Any], *, folder: Path,
                 limit: float) -> None:
     """Keep the cache's first len(tokens) positions for later runs, then make room; a failed write loses nothing."""
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, len(tokens), -1)
     if llama_cpp.llama_state_seq_get_size(ctx, 0) > limit:
         return
-    name = hashlib.sha256(json.dumps([facts, tokens]).encode()).hexdigest()[:32]
+    name = hashlib.sha256(json.dumps([key, tokens]).encode()).hexdigest()[:32]
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         with temporary_beside(folder / f"{name}.state") as partial:
             mac = save_state(ctx, partial, tokens)
             with WeakFileLock(folder.with_name("prompts.lock")):
                 os.replace(partial, folder / f"{name}.state")
-                write_whole(folder / f"{name}.json", json.dumps({"facts": facts, "tokens": tokens, "hmac": mac}))
+                write_whole(folder / f"{name}.json", json.dumps({"key": key, "tokens": tokens, "hmac": mac}))
                 tidy_prompts(folder, keep=folder / f"{name}.json", limit=limit)
 
 
@@ -930,7 +920,7 @@ def load_state(ctx: llama_cpp.llama_context_p, path: Path, mac: str, tokens: lis
 def state_mac(path: Path) -> str:
     """A state file's HMAC under this installation's random key, made once beside the cache (its owner's only, and
     linked into place whole): a state made or changed elsewhere cannot have the one recorded for it."""
-    key = Path(hub_constants.HF_HOME) / "phi-console" / "state.key"
+    key = DATA_DIR / "state.key"
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
         with temporary_beside(key) as new:  # mkstemp makes it 0600
@@ -1064,10 +1054,7 @@ class Conversation:
     def reset(self) -> str:
         """Forget everything said; the settings stay."""
         llama_cpp.llama_memory_clear(self.memory, True)
-        self.tokens: list[int] = []
-        self.exchanges: list[int] = []
-        self.pending: list[int] = []
-        self.replies: list[int] = []
+        self.tokens, self.exchanges, self.pending, self.replies = [], [], [], []  # token ids and positions
         self.messages: list[dict[str, str]] = []
         self.new_sampler()
         return "the conversation is forgotten"
@@ -1139,10 +1126,11 @@ class Conversation:
         if self.verbose:
             show_tokens(self.vocab, prompt)
         try:
-            evaluate(self.ctx, prompt)
-            show(generate(self.ctx, sampler=self.sampler, grammar=grammar, stops=stops, stop_ids=self.stop_ids,
-                          hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled, stamps=stamps,
-                 text=said)
+            with reply_line():
+                evaluate(self.ctx, prompt)
+                show(generate(self.ctx, sampler=self.sampler, grammar=grammar, stops=stops, stop_ids=self.stop_ids,
+                              hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled,
+                     stamps=stamps, text=said)
         except KeyboardInterrupt:
             if not sampled:  # stopped before the reply began: as if the message had not been sent
                 llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
@@ -1162,16 +1150,16 @@ class Conversation:
                cut: bool) -> None:
         """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
         self.exchanges.append(len(self.tokens) + len(prompt) - turn)
-        kept = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
+        n_past = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
         ended = bool(sampled) and sampled[-1] in self.stop_ids  # never evaluated; the format's own end follows
         said = sampled[:-1] if ended else sampled
         if cut:  # A stop string ended the reply, perhaps mid-token or across tokens, so the tokens drawn are not what
             # was printed: the printed reply, tokenized again, goes in with the next message (simpler than finding the
             # token the cut fell in and tokenizing only the rest of it, for a few more tokens to evaluate)
-            said, kept = tokenize(self.vocab, reply, add_bos=False) if reply else [], len(self.tokens) + len(prompt)
-            llama_cpp.llama_memory_seq_rm(self.memory, 0, kept, -1)
+            said, n_past = tokenize(self.vocab, reply, add_bos=False) if reply else [], len(self.tokens) + len(prompt)
+            llama_cpp.llama_memory_seq_rm(self.memory, 0, n_past, -1)
         everything = self.tokens + prompt + said
-        self.tokens, self.pending = everything[:kept], everything[kept:] + self.reply_end
+        self.tokens, self.pending = everything[:n_past], everything[n_past:] + self.reply_end
         self.replies += sampled
         self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
 
@@ -1223,8 +1211,8 @@ class Conversation:
         self.replies, self.messages = context["replies"], saved["messages"]
         self.settings.update(saved["settings"])
         self.new_sampler()
-        held = f"{len(self.tokens)} tokens of context"
-        return f"loaded {len(self.messages) // 2} exchange(s) from {shorten(path)}: {held}"
+        used = f"{len(self.tokens)} tokens of context"
+        return f"loaded {len(self.messages) // 2} exchange(s) from {shorten(path)}: {used}"
 
 
 def flags_over_saved(saved: dict[str, Any], given: dict[str, Any]) -> str:
@@ -1249,9 +1237,9 @@ def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
     wrong = saved_problem(saved)
     if wrong:
         raise ValueError(f"cannot load {shorten(path)}: {wrong}")
-    held = len(saved["context"]["tokens"]) + len(saved["context"]["pending"])
-    if held >= n_ctx:
-        raise ValueError(f"{shorten(path)} holds {held} tokens and the context holds {n_ctx}; "
+    length = len(saved["context"]["tokens"]) + len(saved["context"]["pending"])
+    if length >= n_ctx:
+        raise ValueError(f"{shorten(path)} holds {length} tokens and the context holds {n_ctx}; "
                          "start with a larger --ctx")
     settings = {name: saved["settings"].get(name, DEFAULTS[name]) for name in CHAT_SETTINGS}  # older files lack some
     return {**saved, "settings": settings, "path": path}
@@ -1310,18 +1298,15 @@ def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, A
     try:
         if schema is not None:
             text = llama_cpp.llama_grammar.json_schema_to_gbnf(schema)
-        elif path is not None:
-            with open(path, "rb") as f:
-                text = f.read(GRAMMAR_MAX_BYTES + 1).decode("utf-8")
-            if len(text) > GRAMMAR_MAX_BYTES:
-                raise ValueError(f"more than {GRAMMAR_MAX_BYTES} bytes")
+        elif path is not None:  # a regular file only, and no longer than any grammar is
+            text = read_bounded(Path(path), limit=GRAMMAR_MAX_BYTES).decode("utf-8")
         else:
             return None
     except Exception as error:  # the converter raises what it meets: AssertionError for an unknown type, ...
         detail = getattr(error, "strerror", None) or error
         raise GrammarError(f"{what} cannot be used ({type(error).__name__}: {detail})") from None
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as said:  # llama.cpp's parser writes why a grammar does not parse to stderr
+    with tempfile.TemporaryFile() as said:  # llama.cpp's parser writes why a grammar does not parse to stderr itself
         os.dup2(said.fileno(), 2)
         try:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root") if text.strip() else None
@@ -1439,11 +1424,31 @@ def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
     sys.stderr.write(f"prompt: {len(tokens)} tokens {tokens}\npieces: {pieces}\n")
 
 
-class GraphSize:
-    """The nodes of a batch's graph, as llama.cpp logs it for each new context: the prompt bar's measure of the first
-    batch. The abort callback skips the graph's views, so that bar lags, then catches up when the batch ends."""
+class LlamaLog:
+    """What llama.cpp's log says that the script uses: its error lines, to explain a failure in one line; the nodes of
+    a batch's graph, which it logs for each new context: the prompt bar's measure of a first batch (the abort
+    callback skips the graph's views, so that bar lags, then catches up when the batch ends)."""
 
-    nodes = 0
+    errors: list[str] = []
+    graph_nodes = 0
+
+
+def route_llama_log(*, verbose: bool) -> None:
+    """llama.cpp's log goes to stderr with --verbose; LlamaLog keeps what the script uses of it either way."""
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace")
+        if verbose:
+            sys.stderr.write(message)
+        if level == GGML_LOG_LEVEL_ERROR and message.strip():
+            LlamaLog.errors.append(message.strip())
+        nodes = re.search(r"graph: nodes = (\d+)", message)
+        if nodes:
+            LlamaLog.graph_nodes = int(nodes[1])
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    route_llama_log.keep_alive = on_log  # type: ignore[attr-defined]  # llama.cpp holds a raw pointer to it
 
 
 @contextlib.contextmanager
@@ -1451,7 +1456,7 @@ def prompt_bar(ctx: llama_cpp.llama_context_p, *, total: int) -> Iterator[Callab
     """A bar over a prompt's tokens that moves within each batch too, from the graph nodes llama.cpp has computed
     (it calls back after each; the first batch is measured against the graph's size as llama.cpp logged it); the
     callback also stops a batch on Ctrl-C. Yields next_batch(start, length), to call before each batch."""
-    counted = {"nodes": 0, "per_batch": GraphSize.nodes, "start": 0, "length": 0}
+    counted = {"nodes": 0, "per_batch": LlamaLog.graph_nodes, "start": 0, "length": 0}
     with progress("prompt", total=total, unit="tok") as bar:
 
         def after_node(data: ctypes.c_void_p) -> bool:  # llama.cpp asks this after every graph node; True stops it
@@ -1665,13 +1670,16 @@ def run() -> None:
     except BrokenPipeError:  # `| head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except OSError as error:  # from show(), the only writer to stdout, the reply could not be written: a full disk
-        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code is not show.__code__:
+    except OSError as error:  # from the only writers to stdout, the reply could not be written: a full disk
+        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code not in (show.__code__, REPLY_LINE_CODE):
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unwritten goes nowhere
         fail(f"could not write the reply to stdout: {error.strerror or error}")
     finally:  # as Python ends it gives Ctrl-C its default action back, which would kill the exit itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+REPLY_LINE_CODE = reply_line.__wrapped__.__code__  # type: ignore[attr-defined]  # reply_line's own code, for run()
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def test_a_tokenizer_that_is_not_json_is_refused(hub, warm_home):
 def stream_then_signal(hub, home, startup: float, signum: int, *settings: str) -> tuple[int, bytes, str]:
     """Start a long reply, wait until text is streaming, then send a signal."""
     process = start(*crafted(sample_len=4000), *settings, hub=hub, home=home)
-    first = os.read(process.stdout.fileno(), 20)  # blocks until the reply is streaming (unbuffered: none is lost)
+    first = b""
+    while len(first) < 20:  # until the reply is streaming (read unbuffered: communicate() gets all the rest)
+        first += os.read(process.stdout.fileno(), 20 - len(first))
     process.send_signal(signum)
     started = time.monotonic()
     rest, stderr = process.communicate(timeout=PATIENCE)

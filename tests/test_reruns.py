@@ -154,7 +154,7 @@ def test_a_state_saved_by_another_llama_cpp_build_is_not_used(hub, home):
     run(hub, home, "why is the sky blue")
     index = saved(home)[0].with_suffix(".json")
     record = json.loads(index.read_text())
-    record["facts"]["llama.cpp"] = "0.0.1 CPU : AVX = 1 |"
+    record["key"]["llama.cpp"] = "0.0.1 CPU : AVX = 1 |"
     index.write_text(json.dumps(record))
     assert restored(run(hub, home, "why is the sky blue")) == 0
 
