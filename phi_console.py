@@ -1349,12 +1349,16 @@ def draw(samplers: list[llama_cpp.llama_sampler_p], ids: np.ndarray, logits: np.
     return array.data[max(array.selected, 0)].id, array.data[max(array.selected, 0)].logit
 
 
+def grammar_complete(grammar: llama_cpp.llama_sampler_p, vocab: llama_cpp.llama_vocab_p) -> bool:
+    """Is what the grammar has accepted complete? It allows the end of generation only then: asking it whether it would
+    now is the test, however the reply ended (at the end, at a length, or, being then cut, at a stop string)."""
+    return math.isfinite(draw([grammar], np.array([llama_cpp.llama_vocab_eos(vocab)]), np.zeros(1))[1])
+
+
 def finished(grammar: llama_cpp.llama_sampler_p | None, vocab: llama_cpp.llama_vocab_p, *, cut: bool, room: int,
              asked: int) -> int:
-    """0, or INCOMPLETE and one line if the reply stopped before its grammar was complete: a grammar allows the end of
-    generation only when it is, so asking it whether it would now is the test, however the reply ended."""
-    eos = np.array([llama_cpp.llama_vocab_eos(vocab)])
-    if grammar is None or (not cut and math.isfinite(draw([grammar], eos, np.zeros(1))[1])):
+    """0, or INCOMPLETE and one line if the reply stopped before its grammar was complete."""
+    if grammar is None or (not cut and grammar_complete(grammar, vocab)):
         return 0
     more = "--sample-len" if room == asked else "--ctx (or shorten the prompt)"
     why = "a stop string ended it" if cut else f"its {room} tokens ended"

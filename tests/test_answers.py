@@ -117,6 +117,13 @@ def test_a_reply_cut_short_before_its_grammar_is_complete_says_so_and_fails(hub,
     assert len(errors) == 1 and "incomplete" in errors[0] and "raise --sample-len" in errors[0]
 
 
+def test_a_stop_string_that_cuts_a_reply_before_its_grammar_is_complete_fails_too(hub, warm_home, tmp_path):
+    (tmp_path / "g.gbnf").write_text(GOAL_GOAL_PUCK)
+    result = console(*crafted(grammar=tmp_path / "g.gbnf"), "--stop", "l g", hub=hub, home=warm_home)
+    assert result.returncode == 3 and result.stdout == b"goa\n"
+    assert "a stop string ended it" in result.stderr
+
+
 def test_a_schema_reply_cut_short_fails_too(hub, random_home):
     result = console(*random_model(seed=1, json_schema=ENUM_AND_BOOLEAN, sample_len=3), hub=hub, home=random_home)
     assert result.returncode == 3 and result.stdout.startswith(b"{")
