@@ -174,7 +174,7 @@ BATCH = 512  # prompt tokens evaluated per llama_decode call (at most the contex
 C_WHITESPACE = " \t\n\v\f\r"  # what an rstrip token drops after it (C's isspace, as llama.cpp and Hugging Face use)
 CACHE_STEP = 256  # llama.cpp rounds a context's size up to a multiple of this many tokens
 DECODE_ABORTED = 2  # llama_decode's status when the abort callback stopped it
-GGML_LOG_LEVEL_ERROR = 3  # the level of llama.cpp's log lines that say why something failed
+GGML_LOG_LEVEL_ERROR = 4  # the level of llama.cpp's log lines that say why something failed (3 is a warning)
 TOKEN_MAX_BYTES = 64  # the most text one token stands for: SentencePiece pieces are at most 16 characters of 4 bytes
 
 

@@ -279,6 +279,7 @@ def test_a_hostile_gguf_is_refused_in_one_line(hub, tmp_path, startup, name):
     result = console(*crafted(model=name), hub=hub, home=tmp_path)
     line = the_error(result)
     assert "not a loadable GGUF" in line and name in line
+    assert "llama.cpp could not read it" not in line  # llama.cpp's own reason, from its log's error lines
     assert time.monotonic() - started < 3 * startup + 15  # no attempt to read the sizes it claims
 
 
