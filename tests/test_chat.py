@@ -12,7 +12,6 @@ import re
 import resource
 import select
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import pytest
 
 from reference import llama_cpp_tokens
 
-from conftest import (NESTED_JSON, PATIENCE, PYTHON, RANDOM, SCRIPT, as_a_user, console, crafted, environment_for,
-                      flags, the_error)
+from conftest import (NESTED_JSON, PATIENCE, PYTHON, RANDOM, SCRIPT, Streams, as_a_user, console, crafted,
+                      environment_for, flags, the_error)
 
 
 def chat(hub, home, lines: list[str], *, random_model: bool = False, **settings):
@@ -347,16 +346,16 @@ def test_load_of_an_endless_or_huge_file_is_refused_at_once_and_the_chat_goes_on
     process = subprocess.Popen([PYTHON, str(SCRIPT), *crafted(prompt=None, sample_len=3), "--chat"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=environment_for(hub, warm_home), preexec_fn=capped)
-    lines = Lines(process)
+    lines = Streams(process)
     process.stdin.write(b"hello\n")
     process.stdin.flush()
-    lines.wait_for("out", b"puck puck puck")
+    lines.wait_for(b"puck puck puck", "out")
     before = peak_memory(process.pid)
     for name in ("/dev/zero", str(huge)):
         process.stdin.write(f"/load {name}\n".encode())
         process.stdin.flush()
         sent = time.monotonic()
-        lines.wait_for("err", f"error: cannot load {name}".encode())
+        lines.wait_for(f"error: cannot load {name}".encode())
         assert time.monotonic() - sent < 1.0
     grown = peak_memory(process.pid) - before
     process.stdin.write(b"say something\n")
@@ -379,31 +378,6 @@ def peak_memory(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
 
-
-class Lines:
-    """What a running process writes to stdout and stderr, read as it comes."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.process, self.out, self.err = process, bytearray(), bytearray()
-        self.readers = [threading.Thread(target=self.read, args=(stream, into), daemon=True)
-                        for stream, into in ((process.stdout, self.out), (process.stderr, self.err))]
-        for reader in self.readers:
-            reader.start()
-
-    @staticmethod
-    def read(stream, into: bytearray) -> None:
-        for chunk in iter(lambda: stream.read1(4096), b""):
-            into.extend(chunk)
-
-    def wait_for(self, where: str, what: bytes) -> None:
-        deadline = time.monotonic() + PATIENCE
-        while what not in getattr(self, where):
-            assert time.monotonic() < deadline and self.process.poll() is None, bytes(self.err[-2000:])
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        for reader in self.readers:
-            reader.join(timeout=PATIENCE)
 
 
 def test_a_damaged_state_is_not_trusted_and_the_conversation_is_evaluated_again(hub, warm_home, random_models,

@@ -14,34 +14,7 @@ import time
 
 import pytest
 
-from conftest import LONG_PROMPT, PATIENCE, RANDOM, console, flags, start, storm
-
-
-class Streams:
-    """What a running process writes to stdout and stderr, read as it comes so that no pipe fills up."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.out, self.err = bytearray(), bytearray()
-        self.readers = [threading.Thread(target=self.read, args=(stream, into), daemon=True)
-                        for stream, into in ((process.stdout, self.out), (process.stderr, self.err))]
-        for reader in self.readers:
-            reader.start()
-
-    @staticmethod
-    def read(stream, into: bytearray) -> None:
-        for chunk in iter(lambda: stream.read1(4096), b""):
-            into.extend(chunk)
-
-    def wait_for(self, what: bytes, where: str = "err") -> None:
-        deadline = time.monotonic() + PATIENCE
-        while what not in getattr(self, where):
-            assert time.monotonic() < deadline, bytes(self.err[-2000:])
-            time.sleep(0.02)
-
-    def close(self) -> tuple[str, str]:
-        for reader in self.readers:
-            reader.join(timeout=PATIENCE)
-        return self.out.decode("utf-8", "replace"), self.err.decode("utf-8", "replace")
+from conftest import LONG_PROMPT, PATIENCE, RANDOM, Streams, console, flags, start, storm
 
 
 @pytest.fixture(scope="module")
