@@ -322,7 +322,6 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.
             return not Signals.noted
 
         params.progress_callback = llama_cpp.llama_progress_callback(loaded)
-        LlamaLog.errors.clear()  # only this load's reasons
         model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
     if model and Signals.noted:
         llama_cpp.llama_model_free(model)
@@ -529,7 +528,7 @@ def report(*, load: float, prompt: int, restored: int, asked: float, stamps: lis
     """The run's last line: the load, the prompt (evaluated, or restored) and the reply, timed; the seed."""
     first = stamps[0] if stamps else time.perf_counter()
     evaluation = speed(prompt, first - asked) if stamps else "stopped"  # a prompt stopped part-way has no speed
-    if restored and stamps:
+    if restored:
         evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s"
     rate = speed(len(stamps) - 1, stamps[-1] - first) if stamps else speed(0, 0)
     return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation} | "
@@ -928,11 +927,7 @@ def state_mac(path: Path) -> str:
             new.write_bytes(os.urandom(KEY_BYTES))
             with contextlib.suppress(FileExistsError):  # another run made it first: both use that one
                 os.link(new, key)
-    try:
-        secret = read_bounded(key, limit=KEY_BYTES)
-    except ValueError as wrong:  # a key file grown or replaced: no state can be trusted with it
-        raise OSError(errno.EINVAL, f"{key} is damaged ({wrong}); delete it") from None
-    return file_digest(path, hmac.new(secret, digestmod=hashlib.sha256))
+    return file_digest(path, hmac.new(read_bounded(key, limit=KEY_BYTES), digestmod=hashlib.sha256))
 
 
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
@@ -1117,10 +1112,10 @@ class Conversation:
     def answer(self, text: str) -> None:
         """Reply to a message on stdout. Ctrl-C stops the reply; what was said stays said."""
         turn = user_turn(self.vocab, text, self.specials, system=None if self.tokens else self.settings["system"])
+        grammar, stops = grammar_sampler(self.vocab, self.settings), StopStrings(self.settings["stop"])
         if not self.make_room(len(turn)):
             raise ValueError(f"that message is {len(turn)} tokens and the context holds {self.n_ctx}; send a shorter "
                              "one (or /reset, or start with a larger --ctx)")
-        grammar, stops = grammar_sampler(self.vocab, self.settings), StopStrings(self.settings["stop"])
         prompt = (tokenize(self.vocab, "", add_bos=True) if not self.tokens else []) + self.pending + turn
         room = min(self.settings["sample_len"], self.n_ctx - len(self.tokens) - len(prompt) + 1)
         llama_cpp.llama_perf_context_reset(self.ctx)  # its counters read max(1, n): a difference would be off by one
@@ -1137,13 +1132,11 @@ class Conversation:
                               hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled,
                      stamps=stamps, text=said)
         except KeyboardInterrupt:
-            llama_cpp.llama_sampler_free(grammar)
             if not sampled:  # stopped before the reply began: as if the message had not been sent
                 llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
                 note("(stopped before the reply began: that message is forgotten)", quiet=self.quiet)
                 return
             note("(stopped)", quiet=self.quiet)
-            grammar = None  # stopped by the user, not cut short: nothing to say about its grammar
         self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said), cut=stops.found)
         finished(grammar, self.vocab, cut=stops.found, room=room, asked=self.settings["sample_len"])
         llama_cpp.llama_sampler_free(grammar)
