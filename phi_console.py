@@ -34,14 +34,15 @@ Then the machinery that makes it robust and fast, each part entered by one call 
 """
 from __future__ import annotations
 
-try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script quietly, until run() takes them over
+try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at once (nothing is under way yet, and an
+    import os  # exception raised instead could be lost in an import's own cleanup), until run() takes them over
     import signal
     import sys
 
     ENDINGS = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))  # SIGHUP: a closed terminal
-    for _signum in ENDINGS:
+    for _signum in ENDINGS if __name__ == "__main__" else ():
         if signal.getsignal(_signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
-            signal.signal(_signum, lambda signum, frame: sys.exit(128 + signum))
+            signal.signal(_signum, lambda signum, frame: os._exit(128 + signum))
 
     import argparse
     import codecs
@@ -53,7 +54,6 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script quietl
     import hmac
     import json
     import math
-    import os
     import random
     import re
     import reprlib

@@ -338,22 +338,24 @@ def main() -> None:
         run_measured(script(shared + " quick brown fox", 1), env)
         return script_run(script(" ".join(["hello world"] * 500), 1), env)
 
-    # The other choice of layout, where this build allows it (a build with the AMX kernel never repacks).
-    other = None if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() else \
-        "--no-repack" if repack_weights(None) else "--repack"
+    # The other choice of layout, where this build allows it: a build with the AMX kernel never repacks (it crashes
+    # on K-quant weights), llama-bench's repacked configurations included
+    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    other = None if amx else "--no-repack" if repack_weights(None) else "--repack"
+    layouts = "0" if amx else "0,1"
     log("llama-bench (every configuration of --repack and -fa) and phi_console.py, in turns: generation, prompt "
         "evaluation at depth 0 and 512, and generation after a 500-token prompt...")
     steps: dict[str, Callable[[], Any]] = {
-        "tg": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", "0,1", "-fa", "0,1"),
+        "tg": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", layouts, "-fa", "0,1"),
         "short": lambda: script_run(evaluated("hello", GEN_TOKENS), env),
         "schema": lambda: script_run(evaluated("hello", GEN_TOKENS) + ["--json-schema", SPEED_SCHEMA], env,
                                      codes=(0, 3)),
         "pp": lambda: run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "-d", "0,512",
-                                      "--repack", "0,1", "-fa", "0,1"),
+                                      "--repack", layouts, "-fa", "0,1"),
         "prompt": lambda: script_run(evaluated(long_prompt, 1), env),
         "at_depth": at_depth_512,
         "deep": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500",
-                                        "--repack", "0,1", "-fa", "0,1"),
+                                        "--repack", layouts, "-fa", "0,1"),
         "both": lambda: script_run(evaluated(long_prompt, GEN_TOKENS), env),
     }
     if other:
