@@ -315,13 +315,16 @@ def main() -> None:
     run_measured(script("hello", 1), env)  # downloads if needed, and warms the page cache
     hub.stop()
 
+    # A build with the AMX kernel crashes on K-quant weights once they are repacked: it never repacks them
+    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    layouts, unrepacked = ("0", ["--no-repack"]) if amx else ("0,1", [])
     log("warm reruns of the default prompt, one token: phi_console.py against llama-completion...")
     blob = next((home / "hub").glob(f"models--{MODEL_REPO.replace('/', '--')}/snapshots/*/{MODEL_FILE}"))
     run_measured(script(DEFAULT_PROMPT, 1), env)  # saves the default prompt's state for the runs that restore it
     formatted = f"<|user|>\n{DEFAULT_PROMPT}<|end|>\n<|assistant|>"
     reruns = walls({"restored": script(DEFAULT_PROMPT, 1), "evaluated": evaluated(DEFAULT_PROMPT, 1),
                     "llama-completion": [str(completion), "-m", str(blob), "-t", str(THREADS), "-n", "1",
-                                         "--no-warmup", "-no-cnv", "-p", formatted]},
+                                         "--no-warmup", "-no-cnv", "-p", formatted, *unrepacked]},
                    env)
     log("an 850-token prompt, then the same prompt with another temperature...")
     rerun = walls({"first": script(rerun_prompt, 16), "rerun": script(rerun_prompt, 16, "--temperature", "0.7")}, env,
@@ -338,11 +341,7 @@ def main() -> None:
         run_measured(script(shared + " quick brown fox", 1), env)
         return script_run(script(" ".join(["hello world"] * 500), 1), env)
 
-    # The other choice of layout, where this build allows it: a build with the AMX kernel never repacks (it crashes
-    # on K-quant weights), llama-bench's repacked configurations included
-    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
-    other = None if amx else "--no-repack" if repack_weights(None) else "--repack"
-    layouts = "0" if amx else "0,1"
+    other = None if amx else "--no-repack" if repack_weights(None) else "--repack"  # the other layout, where allowed
     log("llama-bench (every configuration of --repack and -fa) and phi_console.py, in turns: generation, prompt "
         "evaluation at depth 0 and 512, and generation after a 500-token prompt...")
     steps: dict[str, Callable[[], Any]] = {
