@@ -192,7 +192,7 @@ def run_measured(command: list[str], env: dict[str, str], memory: bool = False,
     and slows it, so timed runs are not sampled.
     """
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                               stdin=subprocess.DEVNULL, text=True)
+                               stdin=subprocess.DEVNULL, text=True, errors="replace")
     streams: dict[str, str] = {}
     readers = [threading.Thread(target=lambda n=name, f=stream: streams.__setitem__(n, f.read()))
                for name, stream in (("out", process.stdout), ("err", process.stderr))]
