@@ -60,6 +60,7 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     import shutil
     import stat
     import tempfile
+    import threading
     import time
     import traceback
     import urllib.parse
@@ -111,7 +112,6 @@ TOKENIZER_REVISION = "main"  # branch, tag or commit of the tokenizer's repo
 
 class Setting(NamedTuple):
     """One row of SETTINGS: how a setting is read, checked and explained."""
-
     kind: type  # what a flag's text is read as
     none: bool  # may be None ("none" as text)
     valid: Callable[[Any], bool]  # when a value of that kind is allowed
@@ -211,8 +211,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true", help="also show llama.cpp's own log on stderr")
     given = vars(parser.parse_args(argv))
     for name in SETTINGS.keys() - given.keys() - {"prompt"}:  # the prompt's default waits for a possible pipe
-        wrong = problem(name, DEFAULTS[name])
-        if wrong:
+        if wrong := problem(name, DEFAULTS[name]):
             fail(f"{name.upper()} {wrong}; fix it at the top of phi_console.py", code=2)
     settings = argparse.Namespace(**{**DEFAULTS, "prompt": None, **given})
     reads_stdin = settings.chat or settings.load is not None or settings.prompt == "-"
@@ -261,8 +260,7 @@ def read_value(name: str, text: str) -> object:
             value = setting.kind(text)
         except ValueError:
             value = text  # not a number: problem() says what it must be
-    wrong = problem(name, value)
-    if wrong:
+    if wrong := problem(name, value):
         raise argparse.ArgumentTypeError(wrong.replace(repr(value), repr(text)))
     return value
 
@@ -273,10 +271,8 @@ def read_prompt(prompt: str | None, *, default: object, n_ctx: int) -> str:
         document = read_stdin(n_ctx=n_ctx)
         # The document before the instruction: another instruction over it reuses its evaluated start (Saved prompts)
         prompt = document if prompt in ("-", None) else f"{document}\n\n{prompt}".lstrip()
-    if prompt is None:
-        prompt = default
-    wrong = problem("prompt", prompt)
-    if wrong:
+    prompt = default if prompt is None else prompt
+    if wrong := problem("prompt", prompt):
         wrong = f"is empty (got {prompt!r})" if isinstance(prompt, str) else wrong
         fail(f"the prompt {wrong}; pass --prompt, pipe text in, or set PROMPT", code=2)
     return prompt  # type: ignore[return-value]
@@ -314,6 +310,7 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.
         gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0  # -1 = every layer
     params.n_gpu_layers = gpu_layers
     params.use_extra_bufts = repack  # False: every weight used in place, as the file has it
+    LlamaLog.errors.clear()  # a failed load names its own reason, not an earlier one
     # Mapped (llama.cpp's default), not read: a rerun starts from the page cache, without a second copy of the file
     with progress("loading", total=100, unit="%") as bar:
 
@@ -471,14 +468,12 @@ def reply_line() -> Iterator[None]:
         sys.stdout.buffer.flush()
 
 
-def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float],
-         text: list[str] | None = None) -> None:
+def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float], text: list[str]) -> None:
     """Print the reply as it comes; note each token, its time and text."""
     for token, piece in pieces:
         stamps.append(time.perf_counter())
         tokens.append(token)
-        if text is not None:
-            text.append(piece)
+        text.append(piece)
         if piece:
             sys.stdout.buffer.write(piece.encode("utf-8"))
             sys.stdout.buffer.flush()
@@ -505,7 +500,7 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
             evaluate(ctx, tokens[-1:])
             show(generate(ctx, sampler=make_sampler(vocab, sampling, seed=seed, window=[]), grammar=grammar,
                           stops=stops, sample_len=sample_len, stop_ids={specials[s] for s in STOP_TOKENS},
-                          hidden_ids=set(specials.values())), tokens=[], stamps=stamps)
+                          hidden_ids=set(specials.values())), tokens=[], stamps=stamps, text=[])
     finally:  # also when Ctrl-C stopped it: the seed repeats the run
         if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
             llama_cpp.llama_perf_context_print(ctx)
@@ -528,7 +523,7 @@ def report(*, load: float, prompt: int, restored: int, asked: float, stamps: lis
     """The run's last line: the load, the prompt (evaluated, or restored) and the reply, timed; the seed."""
     first = stamps[0] if stamps else time.perf_counter()
     evaluation = speed(prompt, first - asked) if stamps else "stopped"  # a prompt stopped part-way has no speed
-    if restored:
+    if restored and stamps:
         evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s"
     rate = speed(len(stamps) - 1, stamps[-1] - first) if stamps else speed(0, 0)
     return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation} | "
@@ -588,16 +583,14 @@ def read_special_tokens(path: str) -> dict[str, int]:
     for name, token in specials.items():
         if type(token) is not int or token < 0:  # JSON's true, 1e3 and "5" are no ids; llama.cpp aborts on -5
             fail(f"{path} gives {name} the id {token!r}, not a token id (an integer >= 0); delete it to download again")
-    absent = [name for name in CHAT_TOKENS if name not in specials]
-    if absent:
+    if absent := [name for name in CHAT_TOKENS if name not in specials]:
         fail(f"{path} lacks the special tokens {', '.join(absent)}: is --tokenizer-repo a Phi-3 tokenizer?")
     return specials
 
 
 def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_ctx: int) -> None:
     """The model must fit the settings, and agree with tokenizer.json on the special tokens' ids."""
-    trained = llama_cpp.llama_model_n_ctx_train(model)
-    if n_ctx > trained:
+    if n_ctx > (trained := llama_cpp.llama_model_n_ctx_train(model)):
         fail(f"--ctx {n_ctx} is larger than the model's context of {trained} tokens", code=2)
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -606,8 +599,7 @@ def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_c
         if token >= n_vocab:  # llama.cpp would abort on it
             fail(f"tokenizer.json gives {name} the id {token}, but the GGUF has only {n_vocab} tokens: {apart}")
     for name in CHAT_TOKENS:
-        text = llama_cpp.llama_vocab_get_text(vocab, specials[name]).decode("utf-8", "replace")
-        if text != name:
+        if (text := llama_cpp.llama_vocab_get_text(vocab, specials[name]).decode("utf-8", "replace")) != name:
             fail(f"tokenizer.json gives {name} the id {specials[name]}, but the GGUF has {text!r} there: {apart}")
 
 
@@ -768,9 +760,8 @@ def fetch_rest(repo: str, name: str, revision: str, meta: Any, partial: Path) ->
                 status = error.response.status_code if error.response is not None else None
                 if status not in (401, 403):
                     raise
-                got = f.seek(0, os.SEEK_END)
-                refusals = 1 if got > have else refusals + 1
-                have = got
+                refusals = 1 if f.seek(0, os.SEEK_END) > have else refusals + 1
+                have = f.tell()
                 if refusals > LINK_REFRESHES:
                     fail(f"the file host refused {repo}/{name} with HTTP {status} {refusals} times in a row, also with "
                          f"fresh links from the hub; run again later to resume after the {have / 1e9:.2f} GB here")
@@ -841,8 +832,8 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[
     if best is None:
         return 0
     index, saved = best
-    distrust = load_state(ctx, index.with_suffix(".state"), saved["hmac"], saved["tokens"])
-    if distrust:  # not deleted: the next save replaces it, and another run may be writing it right now
+    # A distrusted state is not deleted: the next save replaces it, and another run may be writing it right now
+    if distrust := load_state(ctx, index.with_suffix(".state"), saved["hmac"], saved["tokens"]):
         note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
         return 0
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, usable, -1)
@@ -881,9 +872,7 @@ def tidy_prompts(folder: Path, *, keep: Path, limit: float) -> None:
                 path.unlink()
     total = sum(size for _, size, _ in saved)
     for _, size, index in sorted(saved):
-        if total <= limit:
-            break
-        if index != keep:
+        if total > limit and index != keep:
             with contextlib.suppress(OSError):
                 index.unlink()
                 index.with_suffix(".state").unlink()
@@ -892,8 +881,7 @@ def tidy_prompts(folder: Path, *, keep: Path, limit: float) -> None:
 
 def save_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> str:
     """Write llama.cpp's state of the cache, which holds `tokens` (no logits); its HMAC. OSError unless whole."""
-    written = llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), 0,
-                                                  (llama_cpp.llama_token * len(tokens))(*tokens), len(tokens))
+    written = llama_cpp.llama_state_seq_save_file(ctx, os.fsencode(path), 0, token_array(tokens), len(tokens))
     if not written or os.path.getsize(path) != written:  # llama.cpp does not check its last write, at close
         raise OSError(errno.EIO, f"llama.cpp could not write {path.name} whole")
     return state_mac(path)
@@ -927,7 +915,8 @@ def state_mac(path: Path) -> str:
             new.write_bytes(os.urandom(KEY_BYTES))
             with contextlib.suppress(FileExistsError):  # another run made it first: both use that one
                 os.link(new, key)
-    return file_digest(path, hmac.new(read_bounded(key, limit=KEY_BYTES), digestmod=hashlib.sha256))
+    with open_regular(key) as secret:  # its first KEY_BYTES: a damaged key only makes every state distrusted
+        return file_digest(path, hmac.new(secret.read(KEY_BYTES), digestmod=hashlib.sha256))
 
 
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
@@ -965,8 +954,7 @@ def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int
         if load["replaced"]:
             note(f"note: the flags given replace the saved {load['replaced']}", quiet=quiet)
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # bytes that are no UTF-8 never end it
-    interactive = sys.stdin.isatty()
-    if interactive:
+    if interactive := sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing, history and bracketed paste for input())
     note(f"chatting with the model, seed {talk.settings['seed']}: /help lists commands, /bye or Ctrl-D leaves",
@@ -1085,8 +1073,7 @@ class Conversation:
 
     def make_room(self, turn: int) -> bool:
         """Forget the oldest exchanges, but the one that carries the system prompt, until a message of `turn` tokens
-        and a full reply (at most a REPLY_SHARE of the context) fit, and say so; False, and nothing forgotten, if the
-        message cannot fit."""
+        and a full reply (at most a REPLY_SHARE of the context) fit, and say so; False, none forgotten, if it cannot."""
         keep = 1 if self.settings["system"] and self.exchanges else 0
         kept_end = self.exchanges[keep] if len(self.exchanges) > keep else len(self.tokens) + len(self.pending)
         if max(kept_end, 1) + turn > self.n_ctx:  # what must stay, BOS at the least, and the message
@@ -1112,10 +1099,10 @@ class Conversation:
     def answer(self, text: str) -> None:
         """Reply to a message on stdout. Ctrl-C stops the reply; what was said stays said."""
         turn = user_turn(self.vocab, text, self.specials, system=None if self.tokens else self.settings["system"])
-        grammar, stops = grammar_sampler(self.vocab, self.settings), StopStrings(self.settings["stop"])
         if not self.make_room(len(turn)):
             raise ValueError(f"that message is {len(turn)} tokens and the context holds {self.n_ctx}; send a shorter "
                              "one (or /reset, or start with a larger --ctx)")
+        grammar, stops = grammar_sampler(self.vocab, self.settings), StopStrings(self.settings["stop"])  # /set checked
         prompt = (tokenize(self.vocab, "", add_bos=True) if not self.tokens else []) + self.pending + turn
         room = min(self.settings["sample_len"], self.n_ctx - len(self.tokens) - len(prompt) + 1)
         llama_cpp.llama_perf_context_reset(self.ctx)  # its counters read max(1, n): a difference would be off by one
@@ -1134,9 +1121,12 @@ class Conversation:
         except KeyboardInterrupt:
             if not sampled:  # stopped before the reply began: as if the message had not been sent
                 llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
+                llama_cpp.llama_sampler_free(grammar)
                 note("(stopped before the reply began: that message is forgotten)", quiet=self.quiet)
                 return
             note("(stopped)", quiet=self.quiet)
+            llama_cpp.llama_sampler_free(grammar)
+            grammar = None  # a reply the user stopped is not called incomplete
         self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said), cut=stops.found)
         finished(grammar, self.vocab, cut=stops.found, room=room, asked=self.settings["sample_len"])
         llama_cpp.llama_sampler_free(grammar)
@@ -1146,8 +1136,7 @@ class Conversation:
         self.stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after {waited:.2f} s | "
                       f"{len(sampled)} tokens, {rate} | context {len(self.tokens)} of {self.n_ctx} tokens")
 
-    def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str,
-               cut: bool) -> None:
+    def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str, cut: bool) -> None:
         """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
         self.exchanges.append(len(self.tokens) + len(prompt) - turn)
         n_past = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
@@ -1190,8 +1179,7 @@ class Conversation:
     def load(self, saved: dict[str, Any]) -> str:
         """/load: continue a conversation read_saved checked, from its saved state if it can be trusted, else anew."""
         context, path, state = saved["context"], saved["path"], saved["state"]
-        wrong = tokens_problem(context, n_vocab=llama_cpp.llama_vocab_n_tokens(self.vocab))
-        if wrong:
+        if wrong := tokens_problem(context, n_vocab=llama_cpp.llama_vocab_n_tokens(self.vocab)):
             raise ValueError(f"cannot load {shorten(path)}: {wrong}")
         self.reset()
         if any(state.get(key) != value for key, value in self.identity.items()):
@@ -1229,16 +1217,13 @@ def flags_over_saved(saved: dict[str, Any], given: dict[str, Any]) -> str:
 def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
     """A /save file, checked whole before anything changes (its vocabulary by load); ValueError says what is wrong.
     A file larger than any /save of this context can be is refused after reading only that much of it."""
-    limit = (n_ctx + SAVED_REPLY_TOKENS) * SAVED_BYTES_PER_TOKEN
     try:
-        saved = json.loads(read_bounded(path, limit=limit))  # larger than any save of this context can be: refused
+        saved = json.loads(read_bounded(path, limit=(n_ctx + SAVED_REPLY_TOKENS) * SAVED_BYTES_PER_TOKEN))
     except (OSError, ValueError, RecursionError) as error:
         raise ValueError(f"cannot load {shorten(path)}: {getattr(error, 'strerror', None) or error}") from None
-    wrong = saved_problem(saved)
-    if wrong:
+    if wrong := saved_problem(saved):
         raise ValueError(f"cannot load {shorten(path)}: {wrong}")
-    length = len(saved["context"]["tokens"]) + len(saved["context"]["pending"])
-    if length >= n_ctx:
+    if (length := len(saved["context"]["tokens"]) + len(saved["context"]["pending"])) >= n_ctx:
         raise ValueError(f"{shorten(path)} holds {length} tokens and the context holds {n_ctx}; "
                          "start with a larger --ctx")
     settings = {name: saved["settings"].get(name, DEFAULTS[name]) for name in CHAT_SETTINGS}  # older files lack some
@@ -1250,8 +1235,7 @@ def saved_problem(saved: Any) -> str | None:
     if not isinstance(saved, dict) or saved.get("format") != SAVED_FORMAT:
         found = reprlib.repr(saved.get("format")) if isinstance(saved, dict) else f"a JSON {type(saved).__name__}"
         return f"it is not a conversation saved by phi_console.py (format {found}, not {SAVED_FORMAT!r})"
-    wrong = shape_problem(saved, SAVED_CONVERSATION, "") or tokens_problem(saved["context"], n_vocab=None)
-    if wrong:
+    if wrong := shape_problem(saved, SAVED_CONVERSATION, "") or tokens_problem(saved["context"], n_vocab=None):
         return wrong
     file, exchanges, length = saved["state"]["file"], saved["context"]["exchanges"], len(saved["context"]["tokens"])
     if Path(file).name != file or file in ("", "..") or "\0" in file:  # a NUL is no file name either
@@ -1262,8 +1246,7 @@ def saved_problem(saved: Any) -> str | None:
     if exchanges != sorted(set(exchanges)):
         return f"context.exchanges must be in order (got {reprlib.repr(exchanges)})"
     for name in [name for name in CHAT_SETTINGS if name in saved["settings"]]:  # a missing one takes its default
-        wrong = problem(name, saved["settings"][name])
-        if wrong:
+        if wrong := problem(name, saved["settings"][name]):
             return f"settings.{name} {wrong}"
     return None
 
@@ -1401,7 +1384,6 @@ SHOWN_CHARS = 200  # the most of a name or value from the user that a message sh
 class Signals:
     """Ctrl-C, SIGTERM and SIGHUP, as on_signal takes them for the whole run, in the main thread whichever thread the
     kernel picked: raised at once while the network or keyboard is waited on, else noted and acted on where safe."""
-
     noted: list[int] = []  # seen by llama.cpp's callbacks, which then stop their work; raise_noted() raises them
     at_once = True  # raise at once; once one is raised, later ones are noted, so that its handling is not cut short
 
@@ -1410,6 +1392,21 @@ def on_signal(signum: int, frame: object) -> None:
     Signals.noted.append(signum)
     if Signals.at_once:
         raise_noted()
+
+
+def on_lost_signal(unraisable: Any) -> None:
+    """sys.unraisablehook: a signal raised where Python can only print it (inside a finalizer, or a callback from C)
+    is sent again a moment later, from a thread, to be raised once Python is back where it can be, rather than
+    printed and lost; anything else is printed as ever."""
+    error = unraisable.exc_value
+    if isinstance(error, KeyboardInterrupt):
+        signum = signal.SIGINT
+    elif isinstance(error, SystemExit) and error.code in [128 + ending for ending in ENDINGS]:
+        signum = error.code - 128
+    else:
+        return sys.__unraisablehook__(unraisable)
+    Signals.at_once = True  # it was raised at once, and nothing acted on it
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()  # sent now, it would be raised right here
 
 
 def raise_noted() -> None:
@@ -1432,7 +1429,6 @@ class LlamaLog:
     """What llama.cpp's log says that the script uses: its error lines, to explain a failure in one line; the nodes of
     a batch's graph, which it logs for each new context: the prompt bar's measure of a first batch (the abort
     callback skips the graph's views, so that bar lags, then catches up when the batch ends)."""
-
     errors: list[str] = []
     graph_nodes = 0
 
@@ -1447,8 +1443,7 @@ def route_llama_log(*, verbose: bool) -> None:
             sys.stderr.write(message)
         if level == GGML_LOG_LEVEL_ERROR and message.strip():
             LlamaLog.errors.append(message.strip())
-        nodes = re.search(r"graph: nodes = (\d+)", message)
-        if nodes:
+        if nodes := re.search(r"graph: nodes = (\d+)", message):
             LlamaLog.graph_nodes = int(nodes[1])
 
     llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
@@ -1484,15 +1479,13 @@ def prompt_bar(ctx: llama_cpp.llama_context_p, *, total: int) -> Iterator[Callab
 
 
 def token_array(tokens: list[int]) -> ctypes.Array:
-    """Token ids as the C array llama.cpp reads."""
     return (llama_cpp.llama_token * len(tokens))(*tokens)
 
 
 @contextlib.contextmanager
 def ctrl_c(*, at_once: bool) -> Iterator[None]:
     """Inside, Ctrl-C and SIGTERM are raised at once, or only noted, for llama.cpp's callbacks and raise_noted() to
-    act on where nothing is half done. On leaving, the way before is back, and a signal noted inside is raised if it
-    would have been at once."""
+    act on where nothing is half done. On leaving, the way before is back; one noted inside is raised if at once."""
     was, Signals.at_once = Signals.at_once, at_once
     try:
         yield
@@ -1508,9 +1501,8 @@ def progress(what: str, *, total: float, unit: str) -> hub_tqdm:
                     miniters=1, disable=not sys.stderr.isatty())
 
 
-def file_digest(path: Path, digest: Any = None) -> str:
-    """The hex digest of a regular file's bytes (sha256 unless told otherwise), read 16 MiB at a time."""
-    digest = digest or hashlib.sha256()
+def file_digest(path: Path, digest: Any) -> str:
+    """The hex digest, by `digest` (a hashlib or hmac object), of a regular file's bytes, read 16 MiB at a time."""
     with open_regular(path) as f, progress("hashing", total=os.fstat(f.fileno()).st_size, unit="B") as bar:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
@@ -1522,14 +1514,13 @@ def file_digest(path: Path, digest: Any = None) -> str:
 def temporary_beside(path: Path) -> Iterator[Path]:
     """A new empty file with a unique name (hidden, ending in .tmp) beside path, gone at the end unless renamed; no
     Ctrl-C can leave it behind: one is only noted inside (and raised at the end where it would have been at once)."""
-    name = ""  # none made yet
     with ctrl_c(at_once=False):
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(descriptor)
             yield Path(name)
         finally:
-            with contextlib.suppress(FileNotFoundError):  # renamed, or never made
+            with contextlib.suppress(FileNotFoundError):  # renamed
                 os.unlink(name)
 
 
@@ -1573,8 +1564,7 @@ def open_regular(path: Path | str) -> BinaryIO:
 
 
 def read_bounded(source: Path | BinaryIO, *, limit: int, what: str = "the file") -> bytes:
-    """A regular file's bytes, or an open stream's (stdin), read no further than one byte past `limit`: more is a
-    ValueError, so that memory stays flat."""
+    """A regular file's or stream's bytes, read at most one byte past `limit` (memory stays flat); more: ValueError."""
     with open_regular(source) if isinstance(source, Path) else contextlib.nullcontext(source) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -1583,8 +1573,7 @@ def read_bounded(source: Path | BinaryIO, *, limit: int, what: str = "the file")
 
 
 def shorten(name: object, *, quoted: bool = False) -> str:
-    """A name or value from the user (a file, state.file, a repo) as one readable line: controls escaped, long ones
-    cut in the middle; quoted, as Python writes a value."""
+    """A name or value from the user as one line: controls escaped, a long one cut in the middle; quoted, as repr."""
     text = repr(name) if quoted else repr(str(name))[1:-1]
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS // 2]}...{text[-SHOWN_CHARS // 2:]}"
 
@@ -1651,9 +1640,8 @@ def stdin_is_piped() -> bool:
 def physical_cores() -> int:
     """llama.cpp's own default thread count; the library's (half the logical CPUs) leaves cores idle."""
     try:  # Linux: one entry per set of hyperthread siblings among the CPUs we may run on
-        siblings = {Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
-                    for cpu in os.sched_getaffinity(0)}
-        return max(len(siblings), 1)
+        return max(len({Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+                        for cpu in os.sched_getaffinity(0)}), 1)
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
@@ -1662,6 +1650,7 @@ def run() -> None:
     """Exit codes: 0 done, 1 fault, 2 bad setting, 3 reply short of its grammar's end, 130 Ctrl-C, 143 SIGTERM, 129
     SIGHUP; a reader that stops early (`| head`) ends it quietly."""
     guard_standard_streams()
+    sys.unraisablehook = on_lost_signal
     for signum in ENDINGS:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # an inherited ignore (a background job's) is kept
             signal.signal(signum, on_signal)
@@ -1675,15 +1664,13 @@ def run() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as error:  # from the only writers to stdout, the reply could not be written: a full disk
-        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code not in (show.__code__, REPLY_LINE_CODE):
+        writers = show.__code__, reply_line.__wrapped__.__code__  # type: ignore[attr-defined]
+        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code not in writers:
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unwritten goes nowhere
         fail(f"could not write the reply to stdout: {error.strerror or error}")
     finally:  # as Python ends it gives Ctrl-C its default action back, which would kill the exit itself
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-REPLY_LINE_CODE = reply_line.__wrapped__.__code__  # type: ignore[attr-defined]  # reply_line's own code, for run()
 
 
 if __name__ == "__main__":

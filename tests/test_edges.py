@@ -134,6 +134,22 @@ def test_a_forged_saved_prompt_is_never_loaded(hub, random_models, tmp_path):
     assert "not using the saved state of this prompt" in again.stderr and again.stdout == first.stdout
 
 
+@pytest.mark.parametrize("damage", ["longer than a key", "a folder"])
+def test_a_damaged_state_key_makes_saved_states_evaluated_again_not_a_traceback(hub, random_models, tmp_path, damage):
+    run = [*flags(model_repo=RANDOM, model_file="two-layers.gguf", prompt="why is the sky blue", seed=3)]
+    first = console(*run, hub=hub, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    key = tmp_path / "phi-console" / "state.key"
+    key.unlink()
+    key.write_bytes(os.urandom(1000)) if damage == "longer than a key" else key.mkdir()
+    again = console(*run, hub=hub, home=tmp_path)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert "not using the saved state of this prompt" in again.stderr and again.stdout == first.stdout
+    third = console(*run, hub=hub, home=tmp_path)  # the state the run before saved: signed by the same key, or none
+    assert third.returncode == 0 and "Traceback" not in third.stderr and third.stdout == first.stdout, third.stderr
+    assert ("restored from an earlier run" in third.stderr) == (damage == "longer than a key")
+
+
 # --- 4 and 11. A failed /load changes nothing and names the field; names in messages are one short line --------------
 def test_a_nul_in_state_file_is_refused_naming_the_field_and_the_chat_goes_on(hub, warm_home, tmp_path):
     path = tmp_path / "talk.json"
@@ -365,6 +381,35 @@ def test_ctrl_c_at_any_moment_of_start_up_exits_130_without_a_traceback(hub, war
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=PATIENCE)
         assert b"Traceback" not in stderr and process.returncode in (0, 130), (delay, process.returncode, stderr[-800:])
+
+
+def test_ctrl_c_raised_inside_a_finalizer_is_not_lost(tmp_path):
+    # Python prints an exception raised inside a finalizer (or a callback from C) and goes on: a Ctrl-C that lands
+    # there would be a traceback and then nothing. Such a moment cannot be placed at will inside a real run, so this
+    # runs the script's own run() around a main() whose object's finalizer receives the Ctrl-C.
+    program = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(SCRIPT.parent)!r})
+import phi_console
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs in here
+
+def main():
+    Finalized()
+    time.sleep(60)
+    return 0
+
+phi_console.main = main
+phi_console.run()
+"""
+    started = time.monotonic()
+    result = subprocess.run([PYTHON, "-c", program], capture_output=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=as_a_user, timeout=PATIENCE)
+    assert result.returncode == 130 and result.stderr == b"", result.stderr[-800:]
+    assert time.monotonic() - started < 30  # ended by the Ctrl-C, not by main()
 
 
 # --- 13. Paths that are not UTF-8 -------------------------------------------------------------------------------------
