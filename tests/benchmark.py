@@ -9,18 +9,21 @@ both alike; a ratio is the median of the rounds' ratios, a figure the median of 
 - the model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with random weights,
   quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
 - llama-bench and llama-completion are built with CMake from the sdist of the installed llama-cpp-python (same
-  llama.cpp source, llama.cpp's default build like requirements.txt's); llama-bench's best configuration
-  (`--repack`, `-fa`) counts, and llama-completion is the yardstick for a warm rerun's wall time;
+  llama.cpp source and build flags: llama.cpp's default build like requirements.txt's, or CMAKE_ARGS as pip
+  read them, e.g. "-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__" for a build without the AMX
+  kernel); llama-bench's best configuration (`--repack`, `-fa`) counts, and llama-completion is the yardstick for
+  a warm rerun's wall time;
 - phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
   once into the benchmark's HF_HOME, and every measured run starts from that cache.
 
 The results go to tests/BENCHMARKS.md: one section per machine (its CPU, thread count and instruction set),
 replaced by that machine's next run; other machines' sections are kept as they are. The first run spends about
 15 minutes writing and quantizing the model and building llama.cpp's tools; both are kept in
-~/.cache/phi-console-bench (or $PHI_BENCH_CACHE) for later runs, which take about an hour.
+~/.cache/phi-console-bench (or $PHI_BENCH_CACHE) for later runs, which take 15 minutes to an hour.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -65,7 +68,7 @@ How the figures are taken. The model is Phi-3-mini-shaped (32 layers, n_embd 307
 random weights, quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token.
 `phi_console.py` runs through its real download and cache path (the tests' local hub serves the model once),
 with 2 threads, temperature 0, and `--verbose` so that llama.cpp's own timings are in its log. The yardsticks are
-built from the same llama.cpp source and default build flags as the installed llama-cpp-python: `llama-bench`
+built from the same llama.cpp source and build flags as the installed llama-cpp-python: `llama-bench`
 (every configuration of `--repack` and `-fa`; the best one counts) and `llama-completion`. Everything runs in
 rounds: each round runs every llama-bench configuration once and each of the script's runs once, in turns, so
 that the machine's drift hits both alike. A figure is the median of its rounds, with the lowest and highest
@@ -74,7 +77,9 @@ round in brackets; a ratio is the median of the rounds' ratios. Memory is the pr
 file's page cache. The script's prompt figures count everything from the loaded model to the first token
 (making the context, restoring a saved prompt); llama-bench's count only its batches, after an untimed warm-up.
 """
-BUILD_FLAGS: list[str] = []  # none, as requirements.txt: llama.cpp's default build
+# The CMake flags the installed llama-cpp-python was built with, which pip read from CMAKE_ARGS too; none (as
+# requirements.txt installs it) is llama.cpp's default build
+BUILD_FLAGS = os.environ.get("CMAKE_ARGS", "").split()
 
 
 def log(message: str) -> None:
@@ -96,7 +101,8 @@ def bench_model() -> Path:
 def llama_tool(name: str) -> Path:
     """llama.cpp's own `name` (llama-bench, llama-completion), built from the installed library's source."""
     version = importlib.metadata.version("llama-cpp-python")
-    build = CACHE / f"llama-bench-{version}"
+    flags = "-" + hashlib.sha256(" ".join(BUILD_FLAGS).encode()).hexdigest()[:8] if BUILD_FLAGS else ""  # per build
+    build = CACHE / f"llama-bench-{version}{flags}"
     exe = build / "bin" / name
     if exe.exists():
         return exe
@@ -464,6 +470,8 @@ def main() -> None:
         return f"{statistics.median(speeds):.2f} ({min(speeds):.2f}-{max(speeds):.2f})"
 
     isa = "AVX-512" if "AVX512 = 1" in system else "AVX2, no AVX-512" if "AVX2 = 1" in system else "no AVX2"
+    if "AMX_INT8 = 1" not in system and "-U__AMX_INT8__" in " ".join(BUILD_FLAGS):  # the CPU has it, the build not
+        isa += ", built without the AMX kernel"
     heading = f"{cpu}, {THREADS} threads ({isa})"
     layout = "repacked" if repack_weights(None) else "unrepacked"
     lines = [f"{time.strftime('%Y-%m-%d')}: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, "
