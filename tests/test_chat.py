@@ -195,6 +195,19 @@ def test_at_a_terminal_ctrl_c_stops_a_reply_and_keeps_the_conversation(hub, warm
     assert term.exit_code() == 0
 
 
+def test_a_reply_under_a_grammar_stopped_by_ctrl_c_is_stopped_not_incomplete(hub, warm_home, tmp_path):
+    (tmp_path / "words.gbnf").write_text('root ::= (" puck")+ " goal"\n')  # "▁puck" reads " puck"; ends at a goal
+    term = Terminal(hub, warm_home, *crafted(prompt=None, sample_len=3000, grammar=tmp_path / "words.gbnf"), "--chat")
+    term.read_until(b">>> ")
+    term.type(b"hello\r")
+    term.read_until(b"puck puck puck")
+    term.type(b"\x03")  # Ctrl-C while the reply streams, long before the grammar could be complete
+    said = term.read_until(b">>> ")
+    assert b"(stopped)" in said and b"incomplete" not in said and b"error" not in said
+    term.type(b"\x04")
+    assert term.exit_code() == 0
+
+
 def test_at_a_terminal_the_prompt_is_shown_and_bye_leaves(hub, warm_home):
     term = Terminal(hub, warm_home, *crafted(prompt=None, sample_len=2), "--chat")
     term.read_until(b">>> ")
