@@ -63,12 +63,15 @@ def test_a_storm_of_ctrl_c_never_ends_a_chat_and_leaves_its_record_and_cache_in_
     assert "(to leave, type /bye or press Ctrl-D)" in stderr  # the storm reached the prompt too
     assert "saved" in stderr and after.exists(), stderr[-2000:]
     # A new process restores what was saved without evaluating it again, and says what a process that evaluates the
-    # saved tokens says: the cache held exactly the tokens the record holds.
-    restored = chat_with(hub, storm_home, [f"/load {after}", "/set sample_len 20", "hello", "/stats"])
+    # saved tokens says: the cache held exactly the tokens the record holds. Greedily: the two caches were computed
+    # in batches of other shapes, which round differently, and at temperature 1 a draw can fall on a neighbouring
+    # token for a difference in the last bits; the likeliest token stays the likeliest.
+    asked = ["/set sample_len 20", "/set temperature 0", "hello", "/stats"]
+    restored = chat_with(hub, storm_home, [f"/load {after}", *asked])
     record = json.loads(after.read_text())
     record["state"]["file"] = "missing.state"
     anew.write_text(json.dumps(record))
-    evaluated = chat_with(hub, storm_home, [f"/load {anew}", "/set sample_len 20", "hello", "/stats"])
+    evaluated = chat_with(hub, storm_home, [f"/load {anew}", *asked])
     assert restored.returncode == evaluated.returncode == 0
     assert "not using" not in restored.stderr and "not using missing.state" in evaluated.stderr
     assert int(re.search(r"(\d+) prompt tokens evaluated", restored.stderr)[1]) < 20
