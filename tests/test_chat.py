@@ -406,8 +406,12 @@ def test_a_damaged_state_is_not_trusted_and_the_conversation_is_evaluated_again(
                    random_model=True, sample_len=40)
     assert damaged.returncode == 0, damaged.stderr
     assert "not using talk.json.state" in damaged.stderr and "evaluating the conversation again" in damaged.stderr
-    assert damaged.stdout == intact.stdout  # random weights: only the same cache gives the same reply
     assert evaluated(stats(damaged)[0]) > evaluated(stats(intact)[0])  # the history was evaluated again
+    state.unlink()  # and as it is without any state: the same tokens in the same batches, the same reply (the intact
+    # state's replies were cached a token at a time, which rounds differently and can turn a near tie the other way)
+    gone = chat(hub, warm_home, [f"/load {tmp_path / 'talk.json'}", "/show", "hello", "/stats"], random_model=True,
+                sample_len=40)
+    assert "not using talk.json.state" in gone.stderr and damaged.stdout == gone.stdout
 
 
 def test_a_state_saved_with_another_model_is_not_trusted(hub, warm_home, tmp_path):

@@ -6,7 +6,6 @@ may hand a signal to any of them: the script must act on it all the same, and on
 """
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import threading
@@ -32,7 +31,7 @@ def chat_with(hub, home, lines: list[str], **settings):
 
 
 def test_a_storm_of_ctrl_c_never_ends_a_chat_and_leaves_its_record_and_cache_in_agreement(hub, storm_home, tmp_path):
-    big, after, anew = tmp_path / "big.json", tmp_path / "after.json", tmp_path / "anew.json"
+    big, after = tmp_path / "big.json", tmp_path / "after.json"
     made = chat_with(hub, storm_home, [" ".join(["hello world"] * 1200), f"/save {big}"], sample_len=4)
     assert made.returncode == 0, made.stderr  # a conversation of about 2,400 tokens
     process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--chat",
@@ -53,29 +52,25 @@ def test_a_storm_of_ctrl_c_never_ends_a_chat_and_leaves_its_record_and_cache_in_
     time.sleep(1.0)
     calm.set()
     time.sleep(1.0)  # the last ones, noted or raised at the prompt, are over
-    say(f"/save {after}")
-    say("/bye")
+    for line in ["/set sample_len 20", "/set temperature 0", "hello", f"/save {after}", "hello", "/bye"]:
+        say(line)  # a reply after the storm, so that the record is never empty, then the one to compare
     process.stdin.close()
     process.wait(timeout=PATIENCE)
-    _, stderr = streams.close()
+    stdout, stderr = streams.close()
     assert process.returncode == 0, stderr[-2000:]
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     assert "(to leave, type /bye or press Ctrl-D)" in stderr  # the storm reached the prompt too
     assert "saved" in stderr and after.exists(), stderr[-2000:]
-    # A new process restores what was saved without evaluating it again, and says what a process that evaluates the
-    # saved tokens says: the cache held exactly the tokens the record holds. Greedily: the two caches were computed
-    # in batches of other shapes, which round differently, and at temperature 1 a draw can fall on a neighbouring
-    # token for a difference in the last bits; the likeliest token stays the likeliest.
-    asked = ["/set sample_len 20", "/set temperature 0", "hello", "/stats"]
-    restored = chat_with(hub, storm_home, [f"/load {after}", *asked])
-    record = json.loads(after.read_text())
-    record["state"]["file"] = "missing.state"
-    anew.write_text(json.dumps(record))
-    evaluated = chat_with(hub, storm_home, [f"/load {anew}", *asked])
-    assert restored.returncode == evaluated.returncode == 0
-    assert "not using" not in restored.stderr and "not using missing.state" in evaluated.stderr
+    # A new process restores the saved pair without evaluating it again: llama.cpp's state holds exactly as many
+    # positions as the record has tokens. And it says what the process that saved it went on to say: the record and the
+    # cache it kept are the ones that process held. (Not compared with a process that evaluates the record's tokens
+    # anew: a cache computed in batches of other shapes rounds differently, by up to 0.04 in a logit on these models,
+    # and that is enough to turn a near tie the other way, greedily too.)
+    restored = chat_with(hub, storm_home, [f"/load {after}", "hello", "/stats"])  # with the saved settings
+    assert restored.returncode == 0, restored.stderr
+    assert "not using" not in restored.stderr
     assert int(re.search(r"(\d+) prompt tokens evaluated", restored.stderr)[1]) < 20
-    assert restored.stdout == evaluated.stdout and len(restored.stdout) > 1
+    assert restored.stdout.decode() == stdout.splitlines(keepends=True)[-1] and len(restored.stdout) > 1
 
 
 @pytest.mark.parametrize("marker", [b"llama_model_loader", b"reserve took"])  # the model loads; the prompt is evaluated
