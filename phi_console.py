@@ -833,7 +833,8 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[
         return 0
     index, saved = best
     # A distrusted state is not deleted: the next save replaces it, and another run may be writing it right now
-    if distrust := load_state(ctx, index.with_suffix(".state"), saved["hmac"], saved["tokens"]):
+    state = index.with_suffix(".state")
+    if distrust := untrusted(state, saved["hmac"]) or load_state(ctx, state, saved["tokens"]):
         note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
         return 0
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, usable, -1)
@@ -887,15 +888,20 @@ def save_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) ->
     return state_mac(path)
 
 
-def load_state(ctx: llama_cpp.llama_context_p, path: Path, mac: str, tokens: list[int]) -> str | None:
-    """Load save_state's file into the empty cache if its HMAC is `mac` and it holds `tokens`; else say why not.
-    llama.cpp trusts the sizes a state file gives (a forged one aborts it): only one written here reaches it."""
+def untrusted(path: Path, mac: str) -> str | None:
+    """Why a state file must not reach llama.cpp, which trusts the sizes it gives (a forged one aborts it); None if
+    its HMAC is `mac`: written here. Ctrl-C while a large one is hashed is raised after, before anything changes."""
     try:
-        if not hmac.compare_digest(state_mac(path).encode(), mac.encode("utf-8", "replace")):
-            return "it was not saved by this installation, or has changed since"
+        made = state_mac(path)
     except OSError as error:
         return error.strerror or str(error)
-    raise_noted()  # Ctrl-C while a large state was hashed: nothing has changed yet
+    raise_noted()
+    same = hmac.compare_digest(made.encode(), mac.encode("utf-8", "replace"))
+    return None if same else "it was not saved by this installation, or has changed since"
+
+
+def load_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> str | None:
+    """Load save_state's file, which untrusted() passed, into the empty cache if it holds `tokens`; else say why not."""
     out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
     memory = llama_cpp.llama_get_memory(ctx)
     read = llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), 0, out, len(tokens), ctypes.byref(count))
@@ -1181,13 +1187,16 @@ class Conversation:
         context, path, state = saved["context"], saved["path"], saved["state"]
         if wrong := tokens_problem(context, n_vocab=llama_cpp.llama_vocab_n_tokens(self.vocab)):
             raise ValueError(f"cannot load {shorten(path)}: {wrong}")
-        self.reset()
+        beside = Path(os.path.realpath(path)).with_name(state["file"])  # as /save wrote it, through a symlink
         if any(state.get(key) != value for key, value in self.identity.items()):
             distrust = "it was saved by another model file, llama.cpp build or context settings"
         else:
-            beside = Path(os.path.realpath(path)).with_name(state["file"])  # as /save wrote it, through a symlink
-            distrust = load_state(self.ctx, beside, str(state.get("hmac")), context["tokens"])
-        if distrust:
+            try:  # before anything changes: a state of a long conversation takes seconds to hash
+                distrust = untrusted(beside, str(state.get("hmac")))
+            except KeyboardInterrupt:
+                raise ValueError("loading was stopped; the conversation is as it was") from None
+        self.reset()
+        if distrust := distrust or load_state(self.ctx, beside, context["tokens"]):
             note(f"note: not using {shorten(state['file'])} ({distrust}); evaluating the conversation again",
                  quiet=self.quiet)
             try:

@@ -6,10 +6,14 @@ may hand a signal to any of them: the script must act on it all the same, and on
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +88,38 @@ def test_a_storm_of_ctrl_c_ends_any_other_run_with_130_and_nothing_else(hub, slo
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     assert stdout in ("", "\n")
+
+
+def test_ctrl_c_while_a_load_checks_the_saved_state_leaves_the_conversation_as_it_was(hub, storm_home, tmp_path):
+    talk = tmp_path / "talk.json"
+    assert chat_with(hub, storm_home, ["hello", f"/save {talk}"], sample_len=4).returncode == 0
+    state = tmp_path / "talk.json.state"
+    with open(state, "r+b") as grown:
+        grown.truncate(1 << 30)  # 1 GiB (sparse): as long to hash as Phi-3's state of 2,700 tokens
+    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--chat", *flags(sample_len=4),
+                    hub=hub, home=storm_home, stdin=subprocess.PIPE)
+    streams = Streams(process)
+    for line in ["what is new", "/show", f"/load {talk}"]:
+        process.stdin.write(line.encode() + b"\n")
+    process.stdin.flush()
+    deadline = time.monotonic() + PATIENCE
+    while os.path.realpath(state) not in open_files(process.pid):  # until the state is being read, to check it
+        assert time.monotonic() < deadline and process.poll() is None, bytes(streams.err[-2000:])
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    process.stdin.write(b"/show\n/bye\n")
+    process.stdin.close()
+    process.wait(timeout=PATIENCE)
+    _, stderr = streams.close()
+    assert process.returncode == 0, stderr[-2000:]
+    assert "error: loading was stopped; the conversation is as it was" in stderr
+    before, after = re.findall(r"context: (\d+) of", stderr)
+    assert before == after != "0"
+
+
+def open_files(pid: int) -> list[str]:
+    links = []
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.append(os.readlink(descriptor))
+    return links
