@@ -490,8 +490,9 @@ def replies_at_a_terminal(hub, home, keys: list[bytes]) -> bytes:
     for sequence in keys:
         term.type(sequence)
         time.sleep(0.3)
+    shown = term.read_until(b">>> ")  # the reply is over: a key typed during it would be echoed into it
     term.type(b"/stats\r")
-    shown = term.read_until(b"tokens evaluated")
+    shown += term.read_until(b"tokens evaluated")
     term.type(b"/bye\r")
     assert term.exit_code() == 0
     return shown
