@@ -64,14 +64,14 @@ def run_long_prompt(hub, home, model_flags, *extra: str, stderr_at_a_terminal: b
     return process.returncode, bytes(stdout), stderr, (first_stdout or [float("inf")])[0], pieces
 
 
-@pytest.mark.parametrize("words", [750, 175])  # about 1,500 tokens in three batches; about 350 tokens in one
+@pytest.mark.parametrize("words", [750, 250])  # about 1,500 tokens in three batches; about 500 tokens in one
 def test_at_a_terminal_a_long_prompt_shows_a_moving_bar_that_is_gone_before_the_reply(hub, slow_model, slow_home,
                                                                                       startup, words):
     code, stdout, stderr, reply_began, pieces = run_long_prompt(hub, slow_home, slow_model, stderr_at_a_terminal=True,
                                                                 prompt=" ".join(["hello world"] * words))
     assert code == 0, stderr
     drawn = [(at, match) for at, chunk in pieces for match in BAR.finditer(chunk)]
-    assert len(drawn) >= 5, stderr
+    assert len(drawn) >= 3, stderr  # a batch takes about 2 s here, and the bar shows after 1 s
     total = int(drawn[0][1].group(3))
     assert total > 2 * words  # the whole prompt, counted in tokens
     counts = [int(match.group(2)) for _, match in drawn]
