@@ -52,6 +52,7 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     import functools
     import hashlib
     import hmac
+    import itertools
     import json
     import math
     import random
@@ -217,13 +218,13 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
     reads_stdin = settings.chat or settings.load is not None or settings.prompt == "-"
     if reads_stdin and sys.stdin is None:
         fail("stdin is closed, and --chat and -p - read from it; pass the prompt with -p TEXT", code=2)
+    route_llama_log(verbose=settings.verbose)  # from here on, llama.cpp's log shows only with --verbose
     if settings.load is not None:  # a file a flag names is a setting too: checked now, not after the download
         try:
             settings.load = read_saved(Path(settings.load), n_ctx=settings.ctx)
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
         settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
-    route_llama_log(verbose=settings.verbose)  # from here on, llama.cpp's log shows only with --verbose
     llama_cpp.llama_sampler_free(grammar_sampler(None, vars(settings)))  # parsed now: a GrammarError ends in run()
     return settings
 
@@ -249,6 +250,8 @@ def problem(name: str, value: object) -> str | None:
 def read_value(name: str, text: str) -> object:
     """A setting typed as text (a flag, or /set in chat) as the value it stands for; 'none' is None."""
     setting = SETTINGS[name]
+    if name != "grammar":  # an argument's bytes that are not UTF-8 (Linux allows them) as U+FFFD; a file name as is
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if setting.none and text.strip().lower() == "none":
         value: object = None
     elif setting.kind is str:
@@ -437,19 +440,21 @@ def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool = Fal
 
 def generate(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p,
              grammar: llama_cpp.llama_sampler_p | None, stops: StopStrings, stop_ids: set[int], hidden_ids: set[int],
-             sample_len: int) -> Iterator[tuple[int, str]]:
+             sample_len: int) -> Iterator[tuple[int | None, str]]:
     """The token loop, once the prompt is evaluated: sample, stop?, print, decode. Yields each token and the text it
-    adds ("" mid-character, for a hidden special token, or while it may begin a stop string, which ends the reply)."""
+    adds ("" mid-character, for a hidden special token, or while it may begin a stop string, which ends the reply);
+    None for the token where the grammar allows none."""
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for index in range(sample_len):
-        token = sample(ctx, sampler=sampler, grammar=grammar)  # sample (recorded for the penalty and the grammar)
-        if token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):  # stop?
+        token = sample(ctx, sampler=sampler, grammar=grammar, banned=hidden_ids - stop_ids)  # sample (and record it)
+        if token is None or token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):  # stop?
             yield token, stops.feed(utf8.decode(b"", final=True), final=True)
             return
         raise_noted()  # Ctrl-C stops the reply here, before one more token is printed
         last = index == sample_len - 1
-        data = b"" if token in hidden_ids else token_bytes(vocab, token, first=index == 0)
+        # A grammar reads a reply's first token with its leading space, and what it accepted is what is printed
+        data = b"" if token in hidden_ids else token_bytes(vocab, token, first=index == 0 and grammar is None)
         yield token, stops.feed(utf8.decode(data, final=last), final=last)  # print
         if last or stops.found:
             return
@@ -468,11 +473,12 @@ def reply_line() -> Iterator[None]:
         sys.stdout.buffer.flush()
 
 
-def show(pieces: Iterator[tuple[int, str]], *, tokens: list[int], stamps: list[float], text: list[str]) -> None:
+def show(pieces: Iterator[tuple[int | None, str]], *, tokens: list[int], stamps: list[float], text: list[str]) -> None:
     """Print the reply as it comes; note each token, its time and text."""
     for token, piece in pieces:
-        stamps.append(time.perf_counter())
-        tokens.append(token)
+        if token is not None:  # None: the grammar allowed no token
+            stamps.append(time.perf_counter())
+            tokens.append(token)
         text.append(piece)
         if piece:
             sys.stdout.buffer.write(piece.encode("utf-8"))
@@ -485,7 +491,8 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
     """One reply to one prompt, streamed to stdout; load, prompt and generation speed, and the seed, on stderr."""
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials, system=sampling["system"])
-    sample_len = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet)
+    sample_len = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet,
+                            most=llama_cpp.llama_model_n_ctx_train(model))
     loaded = time.perf_counter()
     grammar, stops = grammar_sampler(vocab, sampling), StopStrings(sampling["stop"])  # checked before the prompt
     ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), **context)  # no more than it needs
@@ -506,13 +513,14 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
             llama_cpp.llama_perf_context_print(ctx)
         note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded, stamps=stamps,
                     seed=seed), quiet=quiet)
-    return finished(grammar, vocab, cut=stops.found, room=sample_len, asked=sampling["sample_len"])
+    return finished(grammar, vocab, cut=stops.found, made=len(stamps), room=sample_len, asked=sampling["sample_len"])
 
 
-def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool) -> int:
+def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool, most: int) -> int:
     """How many tokens the reply may have: SAMPLE_LEN, or what the context leaves after a prompt of `prompt` tokens."""
     if prompt >= n_ctx:
-        fail(f"the prompt is {prompt} tokens and the context holds {n_ctx}; shorten the prompt or raise --ctx", code=2)
+        larger = f" or raise --ctx (to at most {most})" if n_ctx < most else f" (the model takes at most {most})"
+        fail(f"the prompt is {prompt} tokens and the context holds {n_ctx}; shorten the prompt{larger}", code=2)
     room = min(sample_len, n_ctx - prompt + 1)  # + 1: the last token is never evaluated
     if room < sample_len:
         note(f"note: the context leaves room for {room} tokens of reply; raise --ctx for more", quiet=quiet)
@@ -561,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers, repack=repack)
         if chatting:  # 4-6. prompt, stream and report, for every message
             return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
-                        identity=model_identity, load=settings.load, quiet=quiet, verbose=verbose)
+                        identity=model_identity, load=settings.load, first=settings.prompt, quiet=quiet,
+                        verbose=verbose)
         return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
                         sampling=sampling, identity=model_identity, prompts=DATA_DIR / "prompts",
                         prompt_cache_gb=settings.prompt_cache_gb, started=started, quiet=quiet, verbose=verbose)
@@ -834,7 +843,8 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[
     index, saved = best
     # A distrusted state is not deleted: the next save replaces it, and another run may be writing it right now
     state = index.with_suffix(".state")
-    if distrust := untrusted(state, saved["hmac"]) or load_state(ctx, state, saved["tokens"]):
+    if distrust := untrusted(state, saved["hmac"], ctx=ctx, tokens=len(saved["tokens"])) or \
+            load_state(ctx, state, saved["tokens"]):
         note(f"note: not using the saved state of this prompt ({distrust}); evaluating it again", quiet=quiet)
         return 0
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, usable, -1)
@@ -888,10 +898,15 @@ def save_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) ->
     return state_mac(path)
 
 
-def untrusted(path: Path, mac: str) -> str | None:
+def untrusted(path: Path, mac: str, *, ctx: llama_cpp.llama_context_p, tokens: int) -> str | None:
     """Why a state file must not reach llama.cpp, which trusts the sizes it gives (a forged one aborts it); None if
-    its HMAC is `mac`: written here. Ctrl-C while a large one is hashed is raised after, before anything changes."""
+    its HMAC is `mac`: written here. One larger than a cache of `tokens` can be is refused unread (K and V, at most
+    4 bytes a number); Ctrl-C and SIGTERM while a large one is hashed are raised at once, before anything changes."""
+    model = llama_cpp.llama_get_model(ctx)
+    most = (tokens + 1) * 8 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_embd(model) + 2**20
     try:
+        if (size := os.path.getsize(path)) > most:
+            return f"it is {size / 1e9:.2f} GB, more than a state of {tokens} tokens can be"
         made = state_mac(path)
     except OSError as error:
         return error.strerror or str(error)
@@ -921,8 +936,12 @@ def state_mac(path: Path) -> str:
             new.write_bytes(os.urandom(KEY_BYTES))
             with contextlib.suppress(FileExistsError):  # another run made it first: both use that one
                 os.link(new, key)
-    with open_regular(key) as secret:  # its first KEY_BYTES: a damaged key only makes every state distrusted
-        return file_digest(path, hmac.new(secret.read(KEY_BYTES), digestmod=hashlib.sha256))
+    try:  # its first KEY_BYTES: a damaged key only makes every state distrusted
+        with open_regular(key) as secret:
+            signer = hmac.new(secret.read(KEY_BYTES), digestmod=hashlib.sha256)
+    except OSError as error:
+        raise OSError(error.errno, f"the key {key} cannot be read ({error.strerror}); delete it") from None
+    return file_digest(path, signer)
 
 
 # --- Chat (machinery): a conversation kept in the KV cache; each turn evaluates only its own tokens -------------------
@@ -946,9 +965,10 @@ COMMANDS = {  # what a chat understands, for /help; the settings /set takes are 
 
 
 def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
-         sampling: dict[str, Any], identity: dict[str, Any], load: dict[str, Any] | None, quiet: bool,
-         verbose: bool) -> int:
-    """Talk at `>>> ` until /bye or the end of input, replies on stdout; Ctrl-C stops a reply but never the chat."""
+         sampling: dict[str, Any], identity: dict[str, Any], load: dict[str, Any] | None, first: str | None,
+         quiet: bool, verbose: bool) -> int:
+    """Talk at `>>> ` until /bye or the end of input, replies on stdout; Ctrl-C stops a reply but never the chat.
+    `first` (-p with --chat) is the first message, as if typed."""
     ctx, key = new_context(model, n_ctx=n_ctx, **context)
     talk = Conversation(ctx, specials=specials, n_ctx=n_ctx, settings=sampling, identity=identity | key, quiet=quiet,
                         verbose=verbose)
@@ -965,7 +985,7 @@ def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int
             import readline  # noqa: F401  (line editing, history and bracketed paste for input())
     note(f"chatting with the model, seed {talk.settings['seed']}: /help lists commands, /bye or Ctrl-D leaves",
          quiet=quiet)
-    for line in typed_messages(interactive):
+    for line in itertools.chain([first] if first else [], typed_messages(interactive, limit=n_ctx * TOKEN_MAX_BYTES)):
         if line == "/bye":
             return 0
         try:
@@ -978,8 +998,9 @@ def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int
     return 0
 
 
-def typed_messages(interactive: bool) -> Iterator[str]:
-    """Each message typed at `>>> ` until Ctrl-D or end of input; a line of just \"\"\" opens and closes a long one."""
+def typed_messages(interactive: bool, *, limit: int) -> Iterator[str]:
+    """Each message typed at `>>> ` until Ctrl-D or end of input; a line of just \"\"\" opens and closes a long one.
+    Of a message longer than `limit` characters (more than the context holds), no more than that is kept."""
     prompt, more = (">>> ", "... ") if interactive else ("", "")
     while True:
         if set(Signals.noted) - {signal.SIGINT}:  # SIGTERM or SIGHUP during the last reply: leave now
@@ -987,12 +1008,13 @@ def typed_messages(interactive: bool) -> Iterator[str]:
         Signals.noted.clear()  # a Ctrl-C noted since the last prompt has stopped what it was for
         try:
             with ctrl_c(at_once=True):  # at the prompt, Ctrl-C raises at once (and is caught just below)
-                line = input(prompt)
+                line = read_line(prompt, interactive=interactive, limit=limit)
                 if line.strip() == '"""':
-                    block = []
+                    block, size = [], 0
                     with contextlib.suppress(EOFError):  # input that ends inside a block still sends the block
-                        while (line := input(more)).strip() != '"""':
-                            block.append(line)
+                        while (line := read_line(more, interactive=interactive, limit=limit)).strip() != '"""':
+                            block.append(line[:max(limit + 1 - size, 0)])
+                            size += len(block[-1]) + 1
                     line = "\n".join(block)
         except EOFError:
             return
@@ -1001,6 +1023,19 @@ def typed_messages(interactive: bool) -> Iterator[str]:
             continue
         if line.strip():
             yield line.strip()
+
+
+def read_line(prompt: str, *, interactive: bool, limit: int) -> str:
+    """input(); from a pipe, only a line's first limit + 1 characters are kept, and its rest is read past."""
+    if interactive:
+        return input(prompt)
+    line = sys.stdin.readline(limit + 1)
+    if not line:
+        raise EOFError
+    while not line.endswith("\n") and (rest := sys.stdin.readline(limit)):  # the rest of a line no message holds
+        if rest.endswith("\n"):
+            break
+    return line.rstrip("\n")
 
 
 def command(talk: Conversation, line: str) -> str:
@@ -1104,6 +1139,9 @@ class Conversation:
 
     def answer(self, text: str) -> None:
         """Reply to a message on stdout. Ctrl-C stops the reply; what was said stays said."""
+        if len(text) > self.n_ctx * TOKEN_MAX_BYTES:  # typed_messages kept no more of it
+            raise ValueError(f"that message is longer than the {self.n_ctx} tokens the context holds; send a shorter "
+                             "one (or start with a larger --ctx)")
         turn = user_turn(self.vocab, text, self.specials, system=None if self.tokens else self.settings["system"])
         if not self.make_room(len(turn)):
             raise ValueError(f"that message is {len(turn)} tokens and the context holds {self.n_ctx}; send a shorter "
@@ -1134,7 +1172,7 @@ class Conversation:
             llama_cpp.llama_sampler_free(grammar)
             grammar = None  # a reply the user stopped is not called incomplete
         self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said), cut=stops.found)
-        finished(grammar, self.vocab, cut=stops.found, room=room, asked=self.settings["sample_len"])
+        finished(grammar, self.vocab, cut=stops.found, made=len(sampled), room=room, asked=self.settings["sample_len"])
         llama_cpp.llama_sampler_free(grammar)
         evaluated = llama_cpp.llama_perf_context(self.ctx).n_p_eval
         waited = stamps[0] - asked if stamps else 0.0  # until the first token
@@ -1172,7 +1210,8 @@ class Conversation:
                           "state": {"file": state.name, "hmac": mac, **self.identity}}
                 text = json.dumps(record, indent=1, ensure_ascii=False)  # readable messages; token lists on one line:
                 text = re.sub(r"(?<=\[)[-\d,\s]+(?=\])", lambda m: " ".join(m[0].split()), text)
-                new_path.write_text(text + "\n", encoding="utf-8")
+                # a file name's bytes that are not UTF-8 (--grammar) as JSON's \udcXX escapes, read back as they were
+                new_path.write_text(text + "\n", encoding="utf-8", errors="backslashreplace")
                 os.chmod(new_state, modes[0])
                 os.chmod(new_path, modes[1])
                 os.replace(new_state, state)
@@ -1192,7 +1231,7 @@ class Conversation:
             distrust = "it was saved by another model file, llama.cpp build or context settings"
         else:
             try:  # before anything changes: a state of a long conversation takes seconds to hash
-                distrust = untrusted(beside, str(state.get("hmac")))
+                distrust = untrusted(beside, str(state.get("hmac")), ctx=self.ctx, tokens=len(context["tokens"]))
             except KeyboardInterrupt:
                 raise ValueError("loading was stopped; the conversation is as it was") from None
         self.reset()
@@ -1236,6 +1275,10 @@ def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
         raise ValueError(f"{shorten(path)} holds {length} tokens and the context holds {n_ctx}; "
                          "start with a larger --ctx")
     settings = {name: saved["settings"].get(name, DEFAULTS[name]) for name in CHAT_SETTINGS}  # older files lack some
+    try:  # a schema or grammar that cannot be used, as a flag's would be
+        llama_cpp.llama_sampler_free(grammar_sampler(None, settings))
+    except GrammarError as wrong:
+        raise ValueError(f"cannot load {shorten(path)}: its settings: {wrong}") from None
     return {**saved, "settings": settings, "path": path}
 
 
@@ -1272,6 +1315,19 @@ def tokens_problem(context: dict[str, Any], *, n_vocab: int | None) -> str | Non
 
 # --- Answers (machinery): replies a program can use: a grammar or JSON schema they follow, stop strings ---------------
 GRAMMAR_MAX_BYTES = 2**20  # far more than any grammar; a longer file (or /dev/zero) is refused, not read whole
+GRAMMAR_MAX_DEPTH = 1000  # the most nested groups (or repeats in a schema) a grammar may have; deeper ones crash
+GROUPS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^]\\])*\]|#[^\n]*|([()])')  # a grammar's parentheses, not in text
+JSON_CHAR = llama_cpp.llama_grammar.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})', [])
+INTEGER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+SCHEMA_WORDS = INTEGER_BOUNDS | {  # JSON Schema's keywords that limit what fits; the others only describe
+    "type", "enum", "const", "multipleOf", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
+    "uniqueItems", "contains", "maxContains", "minContains", "maxProperties", "minProperties", "required", "properties",
+    "patternProperties", "additionalProperties", "propertyNames", "dependentRequired", "dependentSchemas",
+    "dependencies", "allOf", "anyOf", "oneOf", "not", "if", "then", "else", "items", "prefixItems", "additionalItems",
+    "unevaluatedItems", "unevaluatedProperties", "$ref", "$dynamicRef"}
+SCHEMA_HINTS = {"oneOf": "use anyOf (the grammar cannot rule out a reply that fits two)",
+                "allOf": "write the schemas it combines out as one", "format": "only uuid, date, time and date-time "
+                "are enforced; remove it, or use a pattern", **dict.fromkeys(INTEGER_BOUNDS, "only an integer's are")}
 INCOMPLETE = 3  # exit status of a reply cut short before its grammar was complete, so that a script notices
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama.cpp's llama_token_data
 
@@ -1281,100 +1337,324 @@ class GrammarError(ValueError):
 
 
 def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any]) -> llama_cpp.llama_sampler_p:
-    """llama.cpp's grammar sampler for JSON_SCHEMA (as llama-cpp-python's converter writes it) or GRAMMAR's file; None
-    for neither. Without a vocabulary the grammar is only parsed, and one that names tokens (<|end|>) waits for it."""
+    """llama.cpp's grammar sampler for JSON_SCHEMA (schema_grammar()) or GRAMMAR's file; None for neither. Without a
+    vocabulary the grammar is only parsed, and one that names tokens (<|end|>) waits for it."""
     schema, path = settings["json_schema"], settings["grammar"]
     if schema is not None and path is not None:
         raise GrammarError("a JSON schema and a grammar file are both set; set one of them to none")
-    what = "the JSON schema" if schema is not None else f"the grammar file {path}"
+    what = "the JSON schema" if schema is not None else f"the grammar file {shorten(path)}"
     try:
         if schema is not None:
-            text = llama_cpp.llama_grammar.json_schema_to_gbnf(schema)
-        elif path is not None:  # a regular file only, and no longer than any grammar is
-            text = read_bounded(Path(path), limit=GRAMMAR_MAX_BYTES).decode("utf-8")
+            text = schema_grammar(schema)
+        elif path is not None:
+            info = os.stat(path)  # a changed file is read again; a pipe only once (its text is then gone)
+            text = read_grammar(path, (info.st_ino, *([info.st_mtime_ns, info.st_size] if stat.S_ISREG(info.st_mode)
+                                                     else [])))
         else:
             return None
     except Exception as error:  # the converter raises what it meets: AssertionError for an unknown type, ...
         detail = getattr(error, "strerror", None) or error
-        raise GrammarError(f"{what} cannot be used ({type(error).__name__}: {detail})") from None
+        detail = detail if type(error) is ValueError else f"{type(error).__name__}: {detail}"  # ours say it all
+        raise GrammarError(f"{what} cannot be used: {detail}") from None
+    # llama.cpp parses and samples by recursion, one C frame per nested group: a deep one would overflow its stack
+    parentheses = (+1 if c == "(" else -1 for c in GROUPS.findall(text) if c)
+    if (depth := max(itertools.accumulate(parentheses), default=0)) > GRAMMAR_MAX_DEPTH:
+        raise GrammarError(f"{what} nests {depth} groups deep, more than the {GRAMMAR_MAX_DEPTH} llama.cpp can take")
     saved = os.dup(2)
     with tempfile.TemporaryFile() as said:  # llama.cpp's parser writes why a grammar does not parse to stderr itself
         os.dup2(said.fileno(), 2)
+        LlamaLog.errors.clear()  # and a left recursion to its log
         try:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root") if text.strip() else None
         finally:
             os.dup2(saved, 2)
             os.close(saved)
         said.seek(0)
-        lines = said.read().decode("utf-8", "replace").splitlines()
+        lines = said.read().decode("utf-8", "replace").splitlines() + LlamaLog.errors
     reason = next((line.split("parsing grammar: ")[-1] for line in lines if line.strip()), "it is empty")
     if not grammar and (vocab or not reason.startswith("no vocab")):
         raise GrammarError(f"{what} does not parse ({reason})")
     return grammar
 
 
+@functools.lru_cache(maxsize=4)
+def read_grammar(path: str, stamp: tuple[int, ...]) -> str:
+    """A grammar file (a regular file or a pipe, <(...)), no longer than any grammar is; a UTF-8 BOM is no text."""
+    return read_bounded(Path(path), limit=GRAMMAR_MAX_BYTES, pipes=True).decode("utf-8").lstrip("\ufeff")
+
+
+class SchemaGrammar(llama_cpp.llama_grammar.SchemaConverter):
+    """llama-cpp-python's JSON-schema-to-GBNF converter, with what it lacks: integer ranges, and strings without the
+    raw control characters JSON forbids in them."""
+
+    def visit(self, schema: dict[str, Any], name: str) -> str:
+        if schema.get("type") == "integer" and INTEGER_BOUNDS & schema.keys():
+            low, high = integer_bounds(schema)
+            alternatives = ([f'"-" {naturals(max(1, -high) if high is not None else 1, None if low is None else -low)}']
+                            if low is None or low < 0 else [])
+            if high is None or high >= 0:
+                alternatives.append(naturals(max(low or 0, 0), high))
+            rule = f"({' | '.join(alternatives)}) space"
+            reserved = name in llama_cpp.llama_grammar.RESERVED_NAMES
+            return self._add_rule(f"{name}-" if reserved else name or "root", rule)
+        return super().visit(schema, name)
+
+    def _format_literal(self, literal: str) -> str:  # GBNF's escapes; the converter's leave a backslash as it is
+        return '"' + re.sub(r'[\\"\x00-\x1f]', lambda c: f"\\x{ord(c[0]):02X}", literal) + '"'
+
+    def _add_primitive(self, name: str, rule: Any) -> str:
+        return super()._add_primitive(name, JSON_CHAR if name == "char" else rule)
+
+
+def schema_grammar(text: str) -> str:
+    """GBNF for a JSON schema, once every keyword in it is known to be enforced (enforceable()); ValueError if not."""
+    try:
+        schema = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"it is not JSON: {error}; --json-schema takes the schema itself: \"$(cat FILE)\"") from None
+    enforceable(schema, schema, "", set())
+    converter = SchemaGrammar(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "schema"), "")
+    return converter.format_grammar()
+
+
+def enforceable(schema: Any, root: Any, where: str, seen: set[str]) -> None:
+    """Refuse (ValueError, naming it) any keyword the converter would leave unenforced, following its own order of
+    cases, so that a reply the grammar allows always fits the schema; fills in `"items": {}` as any value."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where or 'the schema'} is {shorten(schema, quoted=True)}, not a schema (an object)")
+    words, kind = SCHEMA_WORDS & schema.keys() - ({"additionalProperties"} if schema.get(
+        "additionalProperties") is True else set()), schema.get("type")  # true: anything, which is no limit
+
+    def only(*enforced: str) -> None:
+        if extra := sorted(words - set(enforced)):
+            hint = SCHEMA_HINTS.get(extra[0], "remove it, or check that part of the reply yourself")
+            raise ValueError(f"{where}{extra[0]} is not enforced by the grammar here; {hint}")
+
+    def inner(part: Any, key: str) -> None:
+        enforceable(part, root, f"{where}{key}.", seen)
+
+    def count(key: str) -> None:
+        if key in schema and not (type(schema[key]) is int and 0 <= schema[key] <= GRAMMAR_MAX_DEPTH):
+            raise ValueError(f"{where}{key} must be an integer in 0..{GRAMMAR_MAX_DEPTH} here")
+
+    if "$ref" in schema:
+        only("$ref")
+        ref = schema["$ref"]
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"{where}$ref must point inside the schema (#/...), got {shorten(ref, quoted=True)}")
+        if ref not in seen:
+            seen.add(ref)
+            target = root
+            for part in filter(None, ref[1:].split("/")):
+                key = part.replace("~1", "/").replace("~0", "~")
+                target = target[int(key) if isinstance(target, list) else key]
+            inner(target, "$ref")
+    elif "oneOf" in schema or "anyOf" in schema:
+        only("anyOf")
+        for index, part in enumerate(schema["anyOf"]):
+            inner(part, f"anyOf[{index}]")
+    elif isinstance(kind, list):
+        only("type")
+        for name in kind:
+            inner({"type": name}, "type")
+    elif "const" in schema or "enum" in schema:
+        only("const" if "const" in schema else "enum", "type")
+        for value in [schema["const"]] if "const" in schema else schema["enum"]:
+            if kind is not None and kind not in json_types(value):
+                raise ValueError(f"{where}type is {kind!r}, but {shorten(value, quoted=True)} is not")
+    elif kind in (None, "object") and ("properties" in schema or schema.get("additionalProperties", True) is not True):
+        only("type", "properties", "required", "additionalProperties")
+        for name, part in schema.get("properties", {}).items():
+            inner(part, f"properties.{name}")
+        if missing := [name for name in schema.get("required", []) if name not in schema.get("properties", {})]:
+            raise ValueError(f"{where}required names {shorten(missing[0], quoted=True)}, which properties lacks")
+        if isinstance(schema.get("additionalProperties"), dict):
+            inner(schema["additionalProperties"], "additionalProperties")
+    elif kind in (None, "array") and ("items" in schema or "prefixItems" in schema):
+        if isinstance(schema.get("items"), list) or "prefixItems" in schema and "items" in schema:
+            raise ValueError(f"{where}items: give prefixItems (a list) or items (one schema), not both or a list")
+        if schema.get("items") == {}:  # any value: the converter would stop on it
+            schema["items"] = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+        only(*(["type", "prefixItems"] if "prefixItems" in schema else ["type", "items", "minItems", "maxItems"]))
+        parts = schema["prefixItems"] if "prefixItems" in schema else [schema["items"]]
+        if not isinstance(parts, list):
+            raise ValueError(f"{where}prefixItems must be a list of schemas")
+        for index, part in enumerate(parts):
+            inner(part, f"prefixItems[{index}]" if "prefixItems" in schema else "items")
+        count("minItems")
+        count("maxItems")
+    elif kind in (None, "string") and "pattern" in schema:
+        only("type", "pattern")
+        schema["pattern"] = safe_pattern(schema["pattern"], where)
+    elif kind in (None, "string") and schema.get("format") in ("uuid", "date", "time", "date-time"):
+        only("type", "format")
+    elif kind == "string":
+        only("type", "minLength", "maxLength")
+        count("minLength")
+        count("maxLength")
+    elif kind == "integer":
+        only("type", *INTEGER_BOUNDS)
+        low, high = integer_bounds(schema)
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"{where}minimum and maximum leave no integer")
+    elif not words:  # no keyword that limits it: any value
+        schema["type"] = ["object", "array", "string", "number", "boolean", "null"]
+    else:
+        only("type")
+        if kind not in ("object", "number", "boolean", "null", "array"):
+            raise ValueError(f"{where}type must be one of object, array, string, number, integer, boolean, null")
+
+
+def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The least and greatest integers a schema's minimum, maximum and their exclusive forms allow (None: no end)."""
+    for key in INTEGER_BOUNDS & schema.keys():
+        if isinstance(schema[key], bool) or not isinstance(schema[key], (int, float)) or abs(schema[key]) >= 1e16:
+            raise ValueError(f"{key} must be a number of at most 16 digits")
+    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
+    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
+    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
+    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
+    return max(lows, default=None), min(highs, default=None)
+
+
+def naturals(low: int, high: int | None) -> str:
+    """GBNF for the integers low..high (>= 0; None: no end), written as JSON writes them (no leading zeros)."""
+    alternatives = []
+    for length in range(len(str(low)), len(str(high)) + 1 if high is not None else 17):
+        least = max(low, 10 ** (length - 1) if length > 1 else 0)
+        if high is None and least == 10 ** (length - 1) and length > 1:  # every longer number, up to 16 digits
+            alternatives.append(f"[1-9] [0-9]{{{length - 1},15}}")
+            break
+        alternatives.append(digits_between(str(least), str(min(high, 10**length - 1) if high is not None else
+                                                            10**length - 1)))
+    return f"({' | '.join(alternatives)})"
+
+
+def digits_between(low: str, high: str) -> str:
+    """GBNF for the digit strings of one length from low to high."""
+    if low == high:
+        return f'"{low}"'
+    if low[0] == high[0]:
+        return f'"{low[0]}" {digits_between(low[1:], high[1:])}'
+    rest = len(low) - 1
+    alternatives = [f'"{low[0]}" {digits_between(low[1:], "9" * rest)}' if rest else f'"{low[0]}"']
+    if int(low[0]) + 1 < int(high[0]):
+        alternatives.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}]" + " [0-9]" * rest)
+    alternatives.append(f'"{high[0]}" {digits_between("0" * rest, high[1:])}' if rest else f'"{high[0]}"')
+    return f"({' | '.join(alternatives)})"
+
+
+def safe_pattern(pattern: Any, where: str) -> str:
+    """A pattern the converter translates into text that is also a valid JSON string: anchored whole, as the converter
+    needs (a subset of what the unanchored pattern matches); refused where it could write a quote, a backslash or a
+    control character, or uses what the converter does not translate (a dot, [^...], a class shorthand, (?...))."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{where}pattern must be text")
+    body = pattern.removeprefix("^")
+    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
+    body = re.sub(r"(?<!\\)\(\?:", "(", body)  # a group that captures nothing matches as one that does
+    for token in re.findall(r'\\.|\[\^|\(\?|[."\x00-\x1f\x7f]', body):
+        if not token.startswith("\\") or token[1] not in "[](){}|+*?.^$/d-":
+            raise ValueError(f"{where}pattern uses {token!r}, which the grammar cannot enforce inside a JSON string; "
+                             "write the characters it allows out, as in [a-z0-9]")
+    for group in re.findall(r"\[(?:\\.|[^]\\])*\]", body):
+        if any(re.fullmatch(group, c) for c in '"\\' + "".join(map(chr, range(32)))):
+            raise ValueError(f"{where}pattern's {group} allows '\"', '\\' or a control character, which the grammar "
+                             "cannot enforce inside a JSON string")
+    return f"^({body})$"
+
+
+def json_types(value: Any) -> set[str]:
+    """The JSON Schema types a JSON value has (an integer is a number too)."""
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    return {float: {"number"}, str: {"string"}, type(None): {"null"}, list: {"array"}, dict: {"object"}}[type(value)]
+
+
 def sample(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p,
-           grammar: llama_cpp.llama_sampler_p | None, index: int = -1) -> int:
+           grammar: llama_cpp.llama_sampler_p | None, banned: set[int], index: int = -1) -> int | None:
     """The next token from the logits of the batch's token `index`. With a grammar, as llama.cpp's own sampling loop
     (common/sampling.cpp): the chain draws, the grammar checks that token alone, and only if it refuses it is the draw
-    made again with the grammar applied to every token first (the costly step). The penalty sees the token once."""
+    made again with the grammar applied to every token first (the costly step). The penalty sees the token once.
+    `banned` tokens (hidden special tokens, whose text a grammar would read as "<|...|>") are never drawn under a
+    grammar; None where the grammar allows no token at all: llama.cpp would throw, and end the process, on any."""
     if grammar is None:
         return llama_cpp.llama_sampler_sample(sampler, ctx, index)  # llama.cpp draws and accepts in one call
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx)))
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
-    token = draw([sampler], np.arange(n_vocab), logits)[0]
-    if math.isinf(draw([grammar], np.array([token]), np.zeros(1))[1]):  # refused
-        token = draw([grammar, sampler], np.arange(n_vocab), logits)[0]
+    token = draw([sampler], np.arange(n_vocab), logits)
+    if token in banned or draw([grammar], np.array([token]), np.zeros(1)) is None:  # refused
+        allowed = logits.copy()
+        allowed[list(banned)] = -np.inf
+        if (token := draw([grammar, sampler], np.arange(n_vocab), allowed)) is None:
+            return None
     llama_cpp.llama_sampler_accept(grammar, token)
     llama_cpp.llama_sampler_accept(sampler, token)
     return token
 
 
-def draw(samplers: list[llama_cpp.llama_sampler_p], ids: np.ndarray, logits: np.ndarray) -> tuple[int, float]:
+def draw(samplers: list[llama_cpp.llama_sampler_p], ids: np.ndarray, logits: np.ndarray) -> int | None:
     """Samplers applied in turn to tokens and their logits, as llama_sampler_sample applies its chain: the token they
-    selected (the first if none did) and its logit after them (-inf where a grammar refuses it)."""
+    selected (the first if none did), or None if the first (a grammar, which changes logits in place) left none."""
     data = np.empty(len(ids), dtype=TOKEN_DATA)
     data["id"], data["logit"], data["p"] = ids, logits, 0.0
     array = llama_cpp.llama_token_data_array(data.ctypes.data_as(llama_cpp.llama_token_data_p), len(data), -1, False)
     for sampler in samplers:
         llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
-    return array.data[max(array.selected, 0)].id, array.data[max(array.selected, 0)].logit
+        if sampler is samplers[0] and np.isneginf(data["logit"]).all():
+            return None
+    return array.data[max(array.selected, 0)].id
 
 
 def grammar_complete(grammar: llama_cpp.llama_sampler_p, vocab: llama_cpp.llama_vocab_p) -> bool:
     """Is what the grammar has accepted complete? It allows the end of generation only then: asking it whether it would
     now is the test, however the reply ended (at the end, at a length, or, being then cut, at a stop string)."""
-    return math.isfinite(draw([grammar], np.array([llama_cpp.llama_vocab_eos(vocab)]), np.zeros(1))[1])
+    return draw([grammar], np.array([llama_cpp.llama_vocab_eos(vocab)]), np.zeros(1)) is not None
 
 
-def finished(grammar: llama_cpp.llama_sampler_p | None, vocab: llama_cpp.llama_vocab_p, *, cut: bool, room: int,
-             asked: int) -> int:
-    """0, or INCOMPLETE and one line if the reply stopped before its grammar was complete."""
+def finished(grammar: llama_cpp.llama_sampler_p | None, vocab: llama_cpp.llama_vocab_p, *, cut: bool, made: int,
+             room: int, asked: int) -> int:
+    """0, or INCOMPLETE and one line if the reply stopped before its grammar was complete (`made` of `room` tokens)."""
     if grammar is None or (not cut and grammar_complete(grammar, vocab)):
         return 0
-    more = "--sample-len" if room == asked else "--ctx (or shorten the prompt)"
-    why = "a stop string ended it" if cut else f"its {room} tokens ended"
-    sys.stderr.write(f"error: the reply is incomplete: {why} before its grammar was complete"
-                     + ("\n" if cut else f"; raise {more}\n"))
+    more = "raise --sample-len" if room == asked else "raise --ctx (or shorten the prompt)"
+    if cut:
+        why, more = "a stop string ended it", "remove the stop strings the grammar's text can hold"
+    elif made < room:  # sample() found no token the grammar allows
+        why, more = "the grammar allows no token after it", "no reply holds a NUL, a special token or an unknown id"
+    else:
+        why = f"its {room} tokens ended"
+    sys.stderr.write(f"error: the reply is incomplete: {why} before its grammar was complete; {more}\n")
     return INCOMPLETE
 
 
 class StopStrings:
     """A reply's text as it may be printed: feed() takes each piece and returns what can no longer be part of a stop
-    string, holding back an end that could still begin one; from the first stop string on, nothing (`found`)."""
+    string, holding back an end that could still begin one; from the first stop string on, nothing (`found`). Each
+    character is matched once, against the stop strings begun so far and those it begins, however long they are."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops, self.held, self.found = stops, "", False
+        self.begun: list[tuple[int, int]] = []  # (stop string, how many of its characters the text ends with)
+        self.starting: dict[str, list[int]] = {}  # a character, and the stop strings that begin with it
+        for index, stop in enumerate(stops):
+            self.starting.setdefault(stop[0], []).append(index)
 
     def feed(self, piece: str, *, final: bool = False) -> str:  # final: the reply's last piece, which releases all
-        text, self.held = self.held + piece, ""
-        starts = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        text, self.held, starts = self.held + piece, "", []
+        for at, char in enumerate(piece, start=len(text) - len(piece)):
+            begun = [(stop, n + 1) for stop, n in self.begun if self.stops[stop][n] == char]
+            begun += [(stop, 1) for stop in self.starting.get(char, [])]
+            starts += [at + 1 - n for stop, n in begun if n == len(self.stops[stop])]
+            self.begun = [(stop, n) for stop, n in begun if n < len(self.stops[stop])]
         if starts or self.found:
             self.found = True
             return text[:min(starts, default=0)]
         if not final:  # the longest end of the text that begins a stop string
-            self.held = max((text[-n:] for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])),
-                            key=len, default="")
+            self.held = text[len(text) - max((n for _, n in self.begun), default=0):]
         return text[:len(text) - len(self.held)]
 
 
@@ -1516,6 +1796,7 @@ def file_digest(path: Path, digest: Any) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
             bar.update(len(chunk))
+            raise_noted()  # Ctrl-C and SIGTERM are answered within a chunk's time
     return digest.hexdigest()
 
 
@@ -1561,20 +1842,22 @@ def shape_problem(value: Any, shape: Any, where: str) -> str | None:
     return None if type(value) is kind else f"{where} must be {kinds[kind]} (got {reprlib.repr(value)})"
 
 
-def open_regular(path: Path | str) -> BinaryIO:
-    """A file opened for reading, if it is a regular one: a FIFO, device or folder is an OSError, never a wait (the
-    open does not block on a FIFO without a writer, so Ctrl-C and SIGTERM keep working)."""
+def open_regular(path: Path | str, *, pipes: bool = False) -> BinaryIO:
+    """A file opened for reading, if it is a regular one (or with pipes, a pipe): a FIFO, device or folder is an
+    OSError, never a wait (the open does not block on a FIFO without a writer, so Ctrl-C and SIGTERM keep working)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)  # Windows: bytes as they are
     descriptor = os.open(path, flags)
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    mode = os.fstat(descriptor).st_mode
+    if not (stat.S_ISREG(mode) or pipes and stat.S_ISFIFO(mode)):
         os.close(descriptor)
         raise OSError(errno.EINVAL, "not a regular file")
+    os.set_blocking(descriptor, True)  # a pipe is read as it is written; one with no writer is at its end
     return os.fdopen(descriptor, "rb")
 
 
-def read_bounded(source: Path | BinaryIO, *, limit: int, what: str = "the file") -> bytes:
+def read_bounded(source: Path | BinaryIO, *, limit: int, what: str = "the file", pipes: bool = False) -> bytes:
     """A regular file's or stream's bytes, read at most one byte past `limit` (memory stays flat); more: ValueError."""
-    with open_regular(source) if isinstance(source, Path) else contextlib.nullcontext(source) as f:
+    with open_regular(source, pipes=pipes) if isinstance(source, Path) else contextlib.nullcontext(source) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{what} is longer than {limit} bytes")

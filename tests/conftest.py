@@ -306,6 +306,18 @@ def random_models(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> None:
     hub.add(RANDOM, served)
 
 
+@pytest.fixture(scope="session")
+def phi3_vocab_model(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Flags for a small Q4_K_M model with random weights and Phi-3's own vocabulary (llama.cpp's vocabulary-only
+    models/ggml-vocab-phi-3.gguf, kept in tests/): its multi-character pieces ("{\"", "\":", "<|") are what a
+    grammar meets in the real model, which the crafted vocabulary lacks."""
+    folder = tmp_path_factory.mktemp("phi3_vocab")
+    f16 = write_gguf(folder / "phi3-vocab.f16", logits={}, n_embd=256, n_ff=512, n_head=4, n_layer=2,
+                     random_weights=True, dtype=np.float16, vocab=Path(__file__).parent / "ggml-vocab-phi-3.gguf")
+    hub.add("phi-console-tests/phi3-vocab", {"phi3-vocab.gguf": quantize_q4_k_m(f16, folder / "m.gguf").read_bytes()})
+    return ["--model-repo", "phi-console-tests/phi3-vocab", "--model-file", "phi3-vocab.gguf"]
+
+
 LONG_PROMPT = " ".join(["hello world"] * 750)  # about 1500 tokens: three batches of about 4 s on the slow model
 
 

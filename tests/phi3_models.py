@@ -59,20 +59,28 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return pieces, scores, [int(t) for t in types]
 
 
+def real_vocabulary(path: Path) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types of a vocabulary-only GGUF: Phi-3's own, llama.cpp's models/ggml-vocab-phi-3.gguf."""
+    fields = gguf.GGUFReader(path).fields
+    pieces, scores, types = (fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type"))
+    return pieces, [float(score) for score in scores], [int(kind) for kind in types]
+
+
 def token_id(piece: str) -> int:
     return vocabulary()[0].index(piece)
 
 
 def write_gguf(path: Path, *, logits: dict[int, float], n_embd: int = 256, n_ff: int = 256, n_layer: int = 2,
                n_head: int = 4, context: int = 4096, eos: int = 32000, random_weights: bool = False,
-               dtype: type = np.float32) -> Path:
+               dtype: type = np.float32, vocab: Path | None = None) -> Path:
     """Write a Phi-3 GGUF whose next-token logits are `logits` (token id -> value, every other token 0).
 
     With random_weights every tensor gets random values instead (the cost of a real model, not its
     behaviour); tensors of one shape share one random block, so even Phi-3-mini's size writes quickly.
-    Special tokens keep logit 0 there, so a greedy reply never stops early.
+    Special tokens keep logit 0 there, so a greedy reply never stops early. `vocab` takes the vocabulary from a
+    vocabulary-only GGUF (real_vocabulary()) instead of the crafted one.
     """
-    pieces, scores, types = vocabulary()
+    pieces, scores, types = real_vocabulary(vocab) if vocab else vocabulary()
     writer = gguf.GGUFWriter(str(path), "phi3")
     writer.add_name("phi3-crafted")
     writer.add_context_length(context)

@@ -7,6 +7,7 @@ may hand a signal to any of them: the script must act on it all the same, and on
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -90,14 +91,18 @@ def test_a_storm_of_ctrl_c_ends_any_other_run_with_130_and_nothing_else(hub, slo
     assert stdout in ("", "\n")
 
 
-def test_ctrl_c_while_a_load_checks_the_saved_state_leaves_the_conversation_as_it_was(hub, storm_home, tmp_path):
-    talk = tmp_path / "talk.json"
-    assert chat_with(hub, storm_home, ["hello", f"/save {talk}"], sample_len=4).returncode == 0
-    state = tmp_path / "talk.json.state"
+def test_ctrl_c_while_a_load_checks_the_saved_state_leaves_the_conversation_as_it_was(hub, slow_model, slow_home,
+                                                                                       tmp_path):
+    talk, state = tmp_path / "talk.json", tmp_path / "talk.json.state"
+    made = console(*slow_model, "--chat", *flags(sample_len=2), hub=hub, home=slow_home,
+                   stdin=f"hello\n/save {talk}\n".encode())
+    assert made.returncode == 0, made.stderr
+    saved = json.loads(talk.read_text())  # a record of 3,900 tokens, whose state may be as large as 383 MB here ...
+    saved["context"]["tokens"] += saved["context"]["tokens"][-1:] * (3900 - len(saved["context"]["tokens"]))
+    talk.write_text(json.dumps(saved))
     with open(state, "r+b") as grown:
-        grown.truncate(1 << 30)  # 1 GiB (sparse): as long to hash as Phi-3's state of 2,700 tokens
-    process = start("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--chat", *flags(sample_len=4),
-                    hub=hub, home=storm_home, stdin=subprocess.PIPE)
+        grown.truncate(300 * 2**20)  # ... and is 300 MiB (sparse): checked, and that takes a while to hash
+    process = start(*slow_model, "--chat", *flags(sample_len=4), hub=hub, home=slow_home, stdin=subprocess.PIPE)
     streams = Streams(process)
     for line in ["what is new", "/show", f"/load {talk}"]:
         process.stdin.write(line.encode() + b"\n")
@@ -115,6 +120,16 @@ def test_ctrl_c_while_a_load_checks_the_saved_state_leaves_the_conversation_as_i
     assert "error: loading was stopped; the conversation is as it was" in stderr
     before, after = re.findall(r"context: (\d+) of", stderr)
     assert before == after != "0"
+
+
+def test_a_saved_state_larger_than_its_record_can_have_is_refused_unread(hub, storm_home, tmp_path):
+    talk, state = tmp_path / "talk.json", tmp_path / "talk.json.state"
+    assert chat_with(hub, storm_home, ["hello", f"/save {talk}"], sample_len=4).returncode == 0
+    with open(state, "r+b") as grown:
+        grown.truncate(60 * 10**9)  # 60 GB (sparse): minutes to hash, and no state of this record is that large
+    loaded = chat_with(hub, storm_home, [f"/load {talk}", "/show"], sample_len=4)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "it is 60.00 GB, more than a state of" in loaded.stderr and "evaluating the conversation again" in loaded.stderr
 
 
 def open_files(pid: int) -> list[str]:
