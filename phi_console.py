@@ -23,13 +23,14 @@ The program, a whole default run in the order the work happens; it ends with mai
   Download      the cache first, the hub only for what it lacks
   Load          llama.cpp maps the weights; the model and tokenizer must agree on the chat tokens
   Prompt        Phi-3's chat format, evaluated in batches that Ctrl-C can stop
-  Stream        the sampler, generate() (the token loop), complete(): one reply to one prompt
+  Stream        the sampler, Reply (one reply as it is made), generate() (the token loop), complete()
   Main          main(): settings -> download -> load -> prompt -> stream -> report
 Then the machinery that makes it robust and fast, each part entered by one call from the program:
   Download (machinery)  fetch_files(): every file checked against the hub's hash, a stopped download resumed
   Saved prompts         reusing_prompt(): a rerun restores its evaluated prompt instead of evaluating it again
   Chat                  chat(): a conversation kept in the KV cache; /save and /load (read_saved() checks --load)
   Answers               grammar_sampler(), sample(), StopStrings: replies that fit a schema, stop strings
+  Many prompts          answer_all(): --prompts, PARALLEL at a time as sequences of one batch
   Helpers               Ctrl-C noted until it is safe to act, progress bars, files written whole, run()
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
 
     import argparse
     import codecs
+    import collections
     import contextlib
     import ctypes
     import errno
@@ -66,7 +68,7 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     import traceback
     import urllib.parse
     from pathlib import Path
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from typing import Any, BinaryIO, NamedTuple, NoReturn
 
     import llama_cpp
@@ -99,6 +101,8 @@ JSON_SCHEMA = None  # None, or a JSON Schema (as text): the reply is JSON that f
 GRAMMAR = None  # None, or a GBNF grammar file (llama.cpp's format): the reply follows it
 SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
 CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
+PROMPTS = None  # None, or a file of prompts ("-" = stdin), one a line or JSONL: one JSON line out for each
+PARALLEL = 4  # 1 .. 64 prompts of PROMPTS answered at once, as sequences of one batch (4 measured fastest here)
 CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
 THREADS = None  # 1 .. 1024 CPU threads; None = the number of physical cores
 GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
@@ -145,6 +149,10 @@ SETTINGS: dict[str, Setting] = {
     "seed": Setting(int, True, lambda n: 0 <= n <= MAX_SEED, "an integer in 0..4294967294, or none",
                     "the same seed repeats a run exactly; none = random, printed at the end"),
     "chat": Setting(bool, False, lambda b: True, "True or False", "talk at a '>>> ' prompt (/help there)"),
+    "prompts": Setting(str, True, lambda s: s.strip() != "", "a file, '-' for stdin, or none", "many prompts: one a "
+                       "line, or JSON objects with a \"prompt\" (and any chat setting); one JSON line out for each"),
+    "parallel": Setting(int, False, lambda n: 1 <= n <= 64, "an integer in 1..64",
+                        "how many of --prompts are answered at once, as sequences of one batch"),
     "ctx": Setting(int, False, lambda n: n >= 1, "an integer >= 1", "tokens of context: prompt + reply, or the chat"),
     "threads": Setting(int, True, lambda n: 1 <= n <= 1024, "1..1024, or none", "CPU threads; none = physical cores"),
     "gpu_layers": Setting(int, True, lambda n: n >= -1, "an integer >= -1, or none",
@@ -215,7 +223,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         if wrong := problem(name, DEFAULTS[name]):
             fail(f"{name.upper()} {wrong}; fix it at the top of phi_console.py", code=2)
     settings = argparse.Namespace(**{**DEFAULTS, "prompt": None, **given})
-    reads_stdin = settings.chat or settings.load is not None or settings.prompt == "-"
+    reads_stdin = settings.chat or settings.load is not None or "-" in (settings.prompt, settings.prompts)
     if reads_stdin and sys.stdin is None:
         fail("stdin is closed, and --chat and -p - read from it; pass the prompt with -p TEXT", code=2)
     route_llama_log(verbose=settings.verbose)  # from here on, llama.cpp's log shows only with --verbose
@@ -226,6 +234,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
             fail(f"--load: {wrong}", code=2)
         settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
     llama_cpp.llama_sampler_free(grammar_sampler(None, vars(settings)))  # parsed now: a GrammarError ends in run()
+    settings.jobs = read_prompts(settings) if settings.prompts is not None else None  # checked before the download
     return settings
 
 
@@ -268,13 +277,13 @@ def read_value(name: str, text: str) -> object:
     return value
 
 
-def read_prompt(prompt: str | None, *, default: object, n_ctx: int) -> str:
+def read_prompt(prompt: str | None, *, n_ctx: int) -> str:
     """`-` reads stdin; so does a pipe or a file on stdin without -p; with -p TEXT, it is a document TEXT is about."""
     if prompt == "-" or stdin_is_piped():
         document = read_stdin(n_ctx=n_ctx)
         # The document before the instruction: another instruction over it reuses its evaluated start (Saved prompts)
         prompt = document if prompt in ("-", None) else f"{document}\n\n{prompt}".lstrip()
-    prompt = default if prompt is None else prompt
+    prompt = DEFAULTS["prompt"] if prompt is None else prompt
     if wrong := problem("prompt", prompt):
         wrong = f"is empty (got {prompt!r})" if isinstance(prompt, str) else wrong
         fail(f"the prompt {wrong}; pass --prompt, pipe text in, or set PROMPT", code=2)
@@ -332,10 +341,10 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.
     return model
 
 
-def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
-                gpu: bool) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
-    """A context of n_ctx tokens, and the settings of it that change the numbers it computes: the cache's size as
-    llama.cpp made it (rounded up to 256), the batches a prompt is cut into, threads, flash attention."""
+def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, gpu: bool,
+                sequences: int = 1) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
+    """A context of n_ctx tokens (for `sequences` at once, in one pool), and the settings of it that change the
+    numbers it computes: the cache's size as llama.cpp made it (rounded up to 256), batches, threads, attention."""
     params = llama_cpp.llama_context_default_params()
     # Flash attention stays off on the CPU: it slows generation once the context holds a few hundred tokens, and
     # switching it by size would make a longer --sample-len change the reply. On a GPU, llama.cpp's choice stands.
@@ -345,7 +354,7 @@ def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int,
     params.n_ctx = math.ceil(n_ctx / CACHE_STEP) * CACHE_STEP
     params.n_batch = params.n_ubatch = min(params.n_ctx, BATCH)
     params.n_threads = params.n_threads_batch = threads
-    params.no_perf = False
+    params.no_perf, params.n_seq_max, params.kv_unified = False, sequences, True
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); try a smaller --ctx")
@@ -438,29 +447,60 @@ def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool = Fal
         size = -n  # too small: llama.cpp says how many bytes it needs
 
 
-def generate(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p,
-             grammar: llama_cpp.llama_sampler_p | None, stops: StopStrings, stop_ids: set[int], hidden_ids: set[int],
-             sample_len: int) -> Iterator[tuple[int | None, str]]:
-    """The token loop, once the prompt is evaluated: sample, stop?, print, decode. Yields each token and the text it
-    adds ("" mid-character, for a hidden special token, or while it may begin a stop string, which ends the reply);
-    None for the token where the grammar allows none."""
-    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for index in range(sample_len):
-        token = sample(ctx, sampler=sampler, grammar=grammar, banned=hidden_ids - stop_ids)  # sample (and record it)
-        if token is None or token in stop_ids or llama_cpp.llama_vocab_is_eog(vocab, token):  # stop?
-            yield token, stops.feed(utf8.decode(b"", final=True), final=True)
-            return
-        raise_noted()  # Ctrl-C stops the reply here, before one more token is printed
-        last = index == sample_len - 1
-        # A grammar reads a reply's first token with its leading space, and what it accepted is what is printed
-        data = b"" if token in hidden_ids else token_bytes(vocab, token, first=index == 0 and grammar is None)
-        yield token, stops.feed(utf8.decode(data, final=last), final=last)  # print
-        if last or stops.found:
-            return
-        one = token_array([token])  # decode: the token goes into the cache, and its logits are the next step's
-        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
-            fail("llama.cpp failed to evaluate a token")
+class Reply:
+    """One reply as it is made: its sampler chain, grammar, stop strings and UTF-8 decoding; what it has produced
+    (tokens, when each came, text) and why it ended. `finish` is None while it goes on, then "end" (the model ended
+    its turn), "length" (its `room` of tokens), "stop" (a stop string), "grammar" (the grammar allows no token more)
+    or "stopped" (Ctrl-C). The one-shot run, the chat and many prompts each make one per reply, and free it after."""
+
+    def __init__(self, vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *, specials: dict[str, int],
+                 seed: int, room: int, window: list[int] | None = None) -> None:
+        self.grammar = grammar_sampler(vocab, settings)  # first: a GrammarError leaves nothing to free
+        self.sampler = make_sampler(vocab, settings, seed=seed, window=window or [])
+        self.stops, self.utf8 = StopStrings(settings["stop"]), codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.vocab, self.seed, self.room, self.asked = vocab, seed, room, settings["sample_len"]
+        self.stop_ids, self.hidden = {specials[name] for name in STOP_TOKENS}, set(specials.values())
+        self.tokens, self.stamps, self.text = [], [], []  # token ids, when each came, the text each added
+        self.finish: str | None = None
+
+    def __enter__(self) -> Reply:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        for sampler in (self.sampler, self.grammar):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+
+    def next(self, ctx: llama_cpp.llama_context_p, index: int = -1) -> str:
+        """Sample the next token from the logits of the batch's token `index` and say whether it ends the reply; the
+        text it adds ("" mid-character, for a hidden special token, or while it may begin a stop string)."""
+        token = sample(ctx, sampler=self.sampler, grammar=self.grammar, banned=self.hidden - self.stop_ids, index=index)
+        if token is not None:
+            self.tokens.append(token)
+            self.stamps.append(time.perf_counter())
+        if token is None or token in self.stop_ids or llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self.finish = "end" if token is not None else "grammar"
+            piece = self.stops.feed(self.utf8.decode(b"", final=True), final=True)
+        else:
+            last = len(self.tokens) == self.room
+            # A grammar reads a reply's first token with its leading space, and what it accepted is what is printed
+            data = b"" if token in self.hidden else token_bytes(self.vocab, token, first=len(self.tokens) == 1
+                                                                and self.grammar is None)
+            piece = self.stops.feed(self.utf8.decode(data, final=last), final=last)
+            self.finish = "stop" if self.stops.found else "length" if last else None
+        self.text.append(piece)
+        return piece
+
+
+def generate(ctx: llama_cpp.llama_context_p, reply: Reply) -> Iterator[str]:
+    """The token loop, once the prompt is evaluated: sample, stop?, print, decode. Yields the text to print."""
+    while reply.finish is None:
+        raise_noted()  # Ctrl-C stops the reply here, before one more token is drawn
+        yield reply.next(ctx)  # sample, stop?, and print
+        if reply.finish is None:  # decode: the token goes into the cache, and its logits are the next step's
+            one = token_array(reply.tokens[-1:])
+            if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+                fail("llama.cpp failed to evaluate a token")
 
 
 @contextlib.contextmanager
@@ -473,13 +513,9 @@ def reply_line() -> Iterator[None]:
         sys.stdout.buffer.flush()
 
 
-def show(pieces: Iterator[tuple[int | None, str]], *, tokens: list[int], stamps: list[float], text: list[str]) -> None:
-    """Print the reply as it comes; note each token, its time and text."""
-    for token, piece in pieces:
-        if token is not None:  # None: the grammar allowed no token
-            stamps.append(time.perf_counter())
-            tokens.append(token)
-        text.append(piece)
+def show(pieces: Iterator[str]) -> None:
+    """Print the reply as it comes."""
+    for piece in pieces:
         if piece:
             sys.stdout.buffer.write(piece.encode("utf-8"))
             sys.stdout.buffer.flush()
@@ -491,29 +527,29 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
     """One reply to one prompt, streamed to stdout; load, prompt and generation speed, and the seed, on stderr."""
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials, system=sampling["system"])
-    sample_len = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet,
-                            most=llama_cpp.llama_model_n_ctx_train(model))
-    loaded = time.perf_counter()
-    grammar, stops = grammar_sampler(vocab, sampling), StopStrings(sampling["stop"])  # checked before the prompt
-    ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + sample_len), **context)  # no more than it needs
-    seed, stamps, restored = draw_seed(sampling["seed"]), [], 0  # stamps: when each token of the reply came
-    if verbose:
-        show_tokens(vocab, tokens)
-    try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
-        # restored or not: both runs then compute the same numbers, and give the same reply
-        with reusing_prompt(ctx, tokens[:-1], identity | key, folder=prompts, limit=prompt_cache_gb * 1e9,
-                            quiet=quiet) as restored, reply_line():
-            evaluate(ctx, tokens[restored:-1])  # the penalty's window never sees the prompt: it is not the sampler's
-            evaluate(ctx, tokens[-1:])
-            show(generate(ctx, sampler=make_sampler(vocab, sampling, seed=seed, window=[]), grammar=grammar,
-                          stops=stops, sample_len=sample_len, stop_ids={specials[s] for s in STOP_TOKENS},
-                          hidden_ids=set(specials.values())), tokens=[], stamps=stamps, text=[])
-    finally:  # also when Ctrl-C stopped it: the seed repeats the run
-        if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
-            llama_cpp.llama_perf_context_print(ctx)
-        note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded, stamps=stamps,
-                    seed=seed), quiet=quiet)
-    return finished(grammar, vocab, cut=stops.found, made=len(stamps), room=sample_len, asked=sampling["sample_len"])
+    room = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet,
+                      most=llama_cpp.llama_model_n_ctx_train(model))
+    loaded, restored = time.perf_counter(), 0
+    with Reply(vocab, sampling, specials=specials, seed=draw_seed(sampling["seed"]), room=room) as reply:
+        ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + room), **context)  # no more than it needs
+        if verbose:
+            show_tokens(vocab, tokens)
+        try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
+            # restored or not: both runs then compute the same numbers, and give the same reply
+            with reusing_prompt(ctx, tokens[:-1], identity | key, folder=prompts, limit=prompt_cache_gb * 1e9,
+                                quiet=quiet) as restored, reply_line():
+                evaluate(ctx, tokens[restored:-1])  # the penalty's window never sees the prompt: not the sampler's
+                evaluate(ctx, tokens[-1:])
+                show(generate(ctx, reply))
+        finally:  # also when Ctrl-C stopped it: the seed repeats the run
+            if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
+                llama_cpp.llama_perf_context_print(ctx)
+            note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded,
+                        stamps=reply.stamps, seed=reply.seed), quiet=quiet)
+        if why := incomplete(reply):  # a script notices a reply that does not fit
+            sys.stderr.write(f"error: the reply is incomplete: {why}\n")
+            return INCOMPLETE
+    return 0
 
 
 def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool, most: int) -> int:
@@ -527,26 +563,11 @@ def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool, most: i
     return room
 
 
-def report(*, load: float, prompt: int, restored: int, asked: float, stamps: list[float], seed: int) -> str:
-    """The run's last line: the load, the prompt (evaluated, or restored) and the reply, timed; the seed."""
-    first = stamps[0] if stamps else time.perf_counter()
-    evaluation = speed(prompt, first - asked) if stamps else "stopped"  # a prompt stopped part-way has no speed
-    if restored and stamps:
-        evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s"
-    rate = speed(len(stamps) - 1, stamps[-1] - first) if stamps else speed(0, 0)
-    return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation} | "
-            f"generated: {len(stamps)} tokens, {rate} | seed {seed}")
-
-
-def speed(count: int, seconds: float) -> str:
-    return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
-
-
 # --- Main: settings -> download -> load -> prompt -> stream -> report -------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
     chatting = settings.chat or settings.load is not None
-    prompt = None if chatting else read_prompt(settings.prompt, default=DEFAULTS["prompt"], n_ctx=settings.ctx)
+    prompt = None if chatting or settings.jobs else read_prompt(settings.prompt, n_ctx=settings.ctx)
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     repack = repack_weights(settings.repack)  # before the download: --repack is refused on a build it would crash
     if quiet:
@@ -567,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
                        gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
         sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
         model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers, repack=repack)
-        if chatting:  # 4-6. prompt, stream and report, for every message
+        if settings.jobs:  # 4-6. for every prompt of a file, together
+            return answer_all(model, settings.jobs, specials=specials, n_ctx=settings.ctx, context=context,
+                              parallel=settings.parallel, seed=settings.seed, quiet=quiet)
+        if chatting:  # 4-6. for every message
             return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
                         identity=model_identity, load=settings.load, first=settings.prompt, quiet=quiet,
                         verbose=verbose)
@@ -1073,10 +1097,9 @@ class Conversation:
                  settings: dict[str, Any], identity: dict[str, Any], quiet: bool, verbose: bool) -> None:
         self.ctx, self.specials, self.n_ctx, self.settings = ctx, specials, n_ctx, settings
         self.identity, self.quiet, self.verbose = identity, quiet, verbose
-        self.sampler, self.stats = None, "no reply yet"
+        self.stats = "no reply yet"
         self.vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
         self.memory = llama_cpp.llama_get_memory(ctx)
-        self.stop_ids = {specials[name] for name in STOP_TOKENS}
         self.reply_end = [specials["<|end|>"]]  # the template's "\n" after it is dropped, as in user_turn
         self.reset()
 
@@ -1085,16 +1108,8 @@ class Conversation:
         llama_cpp.llama_memory_clear(self.memory, True)
         self.tokens, self.exchanges, self.pending, self.replies = [], [], [], []  # token ids and positions
         self.messages: list[dict[str, str]] = []
-        self.new_sampler()
+        self.settings["seed"] = draw_seed(self.settings["seed"])  # kept, so that /show, /save and the start say it
         return "the conversation is forgotten"
-
-    def new_sampler(self) -> None:
-        """A sampler for the current settings, whose penalty window carries on over the replies so far; a seed of
-        None is drawn here and kept, so that /show, /save and the start say which one the chat uses."""
-        if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
-        self.settings["seed"] = draw_seed(self.settings["seed"])
-        self.sampler = make_sampler(self.vocab, self.settings, seed=self.settings["seed"], window=self.replies)
 
     def change(self, name: str, text: str) -> str:
         """/set: a new value for a setting, checked like a flag's."""
@@ -1109,7 +1124,6 @@ class Conversation:
         self.settings[name] = value
         if name == "system":  # it belongs at the start of the conversation, so the conversation starts over
             return f"{name} = {self.settings[name]!r}; {self.reset()}"
-        self.new_sampler()
         return f"{name} = {self.settings[name]!r}"
 
     def make_room(self, turn: int) -> bool:
@@ -1146,55 +1160,50 @@ class Conversation:
         if not self.make_room(len(turn)):
             raise ValueError(f"that message is {len(turn)} tokens and the context holds {self.n_ctx}; send a shorter "
                              "one (or /reset, or start with a larger --ctx)")
-        grammar, stops = grammar_sampler(self.vocab, self.settings), StopStrings(self.settings["stop"])  # /set checked
         prompt = (tokenize(self.vocab, "", add_bos=True) if not self.tokens else []) + self.pending + turn
         room = min(self.settings["sample_len"], self.n_ctx - len(self.tokens) - len(prompt) + 1)
-        llama_cpp.llama_perf_context_reset(self.ctx)  # its counters read max(1, n): a difference would be off by one
-        asked = time.perf_counter()
-        sampled: list[int] = []
-        stamps: list[float] = []
-        said: list[str] = []
-        if self.verbose:
-            show_tokens(self.vocab, prompt)
-        try:
-            with reply_line():
-                evaluate(self.ctx, prompt)
-                show(generate(self.ctx, sampler=self.sampler, grammar=grammar, stops=stops, stop_ids=self.stop_ids,
-                              hidden_ids=set(self.specials.values()), sample_len=room), tokens=sampled,
-                     stamps=stamps, text=said)
-        except KeyboardInterrupt:
-            if not sampled:  # stopped before the reply began: as if the message had not been sent
-                llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
-                llama_cpp.llama_sampler_free(grammar)
-                note("(stopped before the reply began: that message is forgotten)", quiet=self.quiet)
-                return
-            note("(stopped)", quiet=self.quiet)
-            llama_cpp.llama_sampler_free(grammar)
-            grammar = None  # a reply the user stopped is not called incomplete
-        self.record(prompt=prompt, turn=len(turn), sampled=sampled, message=text, reply="".join(said), cut=stops.found)
-        finished(grammar, self.vocab, cut=stops.found, made=len(sampled), room=room, asked=self.settings["sample_len"])
-        llama_cpp.llama_sampler_free(grammar)
-        evaluated = llama_cpp.llama_perf_context(self.ctx).n_p_eval
+        seed = (self.settings["seed"] + len(self.messages) // 2) % (MAX_SEED + 1)  # each reply its own draws
+        with Reply(self.vocab, self.settings, specials=self.specials, seed=seed, room=room,
+                   window=self.replies) as reply:  # the penalty's window runs on over the replies
+            llama_cpp.llama_perf_context_reset(self.ctx)  # its counters read max(1, n): a difference would be off by 1
+            asked = time.perf_counter()
+            if self.verbose:
+                show_tokens(self.vocab, prompt)
+            try:
+                with reply_line():
+                    evaluate(self.ctx, prompt)
+                    show(generate(self.ctx, reply))
+            except KeyboardInterrupt:
+                if not reply.tokens:  # stopped before the reply began: as if the message had not been sent
+                    llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
+                    note("(stopped before the reply began: that message is forgotten)", quiet=self.quiet)
+                    return
+                note("(stopped)", quiet=self.quiet)
+                reply.finish = "stopped"  # a reply the user stopped is not called incomplete
+            self.record(prompt=prompt, turn=len(turn), reply=reply, message=text)
+            if why := incomplete(reply):
+                sys.stderr.write(f"error: the reply is incomplete: {why}\n")
+        evaluated, stamps = llama_cpp.llama_perf_context(self.ctx).n_p_eval, reply.stamps
         waited = stamps[0] - asked if stamps else 0.0  # until the first token
-        rate = speed(len(sampled) - 1, stamps[-1] - stamps[0]) if stamps else speed(0, 0)
+        rate = speed(len(stamps) - 1, stamps[-1] - stamps[0]) if stamps else speed(0, 0)
         self.stats = (f"last reply: {evaluated} prompt tokens evaluated, first token after {waited:.2f} s | "
-                      f"{len(sampled)} tokens, {rate} | context {len(self.tokens)} of {self.n_ctx} tokens")
+                      f"{len(stamps)} tokens, {rate} | context {len(self.tokens)} of {self.n_ctx} tokens")
 
-    def record(self, *, prompt: list[int], turn: int, sampled: list[int], message: str, reply: str, cut: bool) -> None:
+    def record(self, *, prompt: list[int], turn: int, reply: Reply, message: str) -> None:
         """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
         self.exchanges.append(len(self.tokens) + len(prompt) - turn)
         n_past = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
-        ended = bool(sampled) and sampled[-1] in self.stop_ids  # never evaluated; the format's own end follows
-        said = sampled[:-1] if ended else sampled
-        if cut:  # A stop string ended the reply, perhaps mid-token or across tokens, so the tokens drawn are not what
-            # was printed: the printed reply, tokenized again, goes in with the next message (simpler than finding the
-            # token the cut fell in and tokenizing only the rest of it, for a few more tokens to evaluate)
-            said, n_past = tokenize(self.vocab, reply, add_bos=False) if reply else [], len(self.tokens) + len(prompt)
+        said, text = reply.tokens[:-1] if reply.finish == "end" else reply.tokens, "".join(reply.text)  # the end
+        # token is never evaluated: the format's own end follows
+        if reply.finish == "stop":  # A stop string ended the reply, perhaps mid-token or across tokens, so the tokens
+            # drawn are not what was printed: the printed reply, tokenized again, goes in with the next message
+            # (simpler than finding the token the cut fell in and tokenizing only the rest of it, for a few tokens)
+            said, n_past = tokenize(self.vocab, text, add_bos=False) if text else [], len(self.tokens) + len(prompt)
             llama_cpp.llama_memory_seq_rm(self.memory, 0, n_past, -1)
         everything = self.tokens + prompt + said
         self.tokens, self.pending = everything[:n_past], everything[n_past:] + self.reply_end
-        self.replies += sampled
-        self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        self.replies += reply.tokens
+        self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
 
     def save(self, path: Path) -> str:
         """/save: the conversation as JSON at `path` and llama.cpp's state beside it: both written whole, or neither."""
@@ -1246,7 +1255,7 @@ class Conversation:
         self.tokens, self.exchanges, self.pending = context["tokens"], context["exchanges"], context["pending"]
         self.replies, self.messages = context["replies"], saved["messages"]
         self.settings.update(saved["settings"])
-        self.new_sampler()
+        self.settings["seed"] = draw_seed(self.settings["seed"])
         used = f"{len(self.tokens)} tokens of context"
         return f"loaded {len(self.messages) // 2} exchange(s) from {shorten(path)}: {used}"
 
@@ -1558,6 +1567,9 @@ def safe_pattern(pattern: Any, where: str) -> str:
         if not token.startswith("\\") or token[1] not in "[](){}|+*?.^$/d-":
             raise ValueError(f"{where}pattern uses {token!r}, which the grammar cannot enforce inside a JSON string; "
                              "write the characters it allows out, as in [a-z0-9]")
+    if any(int(count) > GRAMMAR_MAX_DEPTH for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", body) for count in pair
+           if count):
+        raise ValueError(f"{where}pattern repeats something more than {GRAMMAR_MAX_DEPTH} times")
     for group in re.findall(r"\[(?:\\.|[^]\\])*\]", body):
         if any(re.fullmatch(group, c) for c in '"\\' + "".join(map(chr, range(32)))):
             raise ValueError(f"{where}pattern's {group} allows '\"', '\\' or a control character, which the grammar "
@@ -1615,20 +1627,19 @@ def grammar_complete(grammar: llama_cpp.llama_sampler_p, vocab: llama_cpp.llama_
     return draw([grammar], np.array([llama_cpp.llama_vocab_eos(vocab)]), np.zeros(1)) is not None
 
 
-def finished(grammar: llama_cpp.llama_sampler_p | None, vocab: llama_cpp.llama_vocab_p, *, cut: bool, made: int,
-             room: int, asked: int) -> int:
-    """0, or INCOMPLETE and one line if the reply stopped before its grammar was complete (`made` of `room` tokens)."""
-    if grammar is None or (not cut and grammar_complete(grammar, vocab)):
-        return 0
-    more = "raise --sample-len" if room == asked else "raise --ctx (or shorten the prompt)"
-    if cut:
-        why, more = "a stop string ended it", "remove the stop strings the grammar's text can hold"
-    elif made < room:  # sample() found no token the grammar allows
-        why, more = "the grammar allows no token after it", "no reply holds a NUL, a special token or an unknown id"
-    else:
-        why = f"its {room} tokens ended"
-    sys.stderr.write(f"error: the reply is incomplete: {why} before its grammar was complete; {more}\n")
-    return INCOMPLETE
+def incomplete(reply: Reply) -> str | None:
+    """Why the reply ended before its grammar was complete, and what to do; None if it was complete (or had no
+    grammar, or the user stopped it)."""
+    if reply.grammar is None or reply.finish == "stopped" or reply.finish != "stop" and grammar_complete(
+            reply.grammar, reply.vocab):
+        return None
+    if reply.finish == "stop":
+        return "a stop string ended it before its grammar was complete; remove the stop strings its text can hold"
+    if reply.finish == "grammar":
+        return ("the grammar allows no token after it, so it can never be complete; no reply holds a NUL, a "
+                "special token or an unknown id")
+    more = "--sample-len" if reply.room == reply.asked else "--ctx (or shorten the prompt)"
+    return f"its {reply.room} tokens ended before its grammar was complete; raise {more}"
 
 
 class StopStrings:
@@ -1666,6 +1677,169 @@ def read_texts(text: str) -> object:
     return [] if text.strip().lower() == "none" else [text]
 
 
+# --- Many prompts (machinery): one load, PARALLEL prompts at a time as sequences of one context ---------------------
+PROMPTS_MAX_BYTES = 2**28  # a prompts file larger than this (or /dev/zero) is refused, not read whole
+SHARED_MIN = 16  # prompt tokens two prompts must share at their start before one copies the other's cache
+
+
+def read_prompts(settings: argparse.Namespace) -> list[dict[str, Any]]:
+    """--prompts' file, checked whole before anything slow: each line a prompt, or a JSON object with a "prompt" and
+    any chat setting for it (its other keys come back on its output line); a fault is one line naming it, exit 2."""
+    if settings.chat or settings.load is not None or settings.prompt is not None:
+        fail("--prompts answers the prompts of its file: give it without --chat, --load or -p", code=2)
+    path, where = settings.prompts, "stdin" if settings.prompts == "-" else shorten(settings.prompts)
+    try:
+        data = read_bounded(sys.stdin.buffer if path == "-" else Path(path), limit=PROMPTS_MAX_BYTES, what=where)
+    except (OSError, ValueError) as error:
+        fail(f"--prompts: cannot read {where}: {getattr(error, 'strerror', None) or error}", code=2)
+    jobs, checked = [], set()
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        at = f"--prompts: {where} line {number}"
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line}
+        except (ValueError, RecursionError) as error:
+            fail(f"{at} is not JSON ({error})", code=2)
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            fail(f'{at} needs a "prompt" that is non-empty text', code=2)
+        own = {name: item[name] for name in CHAT_SETTINGS if name in item}
+        for name, value in own.items():
+            if wrong := problem(name, value):
+                fail(f"{at}: {name} {wrong}", code=2)
+        merged = {**{name: getattr(settings, name) for name in CHAT_SETTINGS}, **own}
+        if (merged["json_schema"], merged["grammar"]) not in checked:  # one check for each schema or grammar
+            try:
+                llama_cpp.llama_sampler_free(grammar_sampler(None, merged))
+            except GrammarError as wrong:
+                fail(f"{at}: {wrong}", code=2)
+            checked.add((merged["json_schema"], merged["grammar"]))
+        extra = {key: value for key, value in item.items() if key != "prompt" and key not in own}
+        jobs.append({"line": number, "prompt": item["prompt"], "settings": merged, "extra": extra, "own": own})
+    if not jobs:
+        fail(f"--prompts: {where} holds no prompt", code=2)
+    return jobs
+
+
+def answer_all(model: llama_cpp.llama_model_p, jobs: list[dict[str, Any]], *, specials: dict[str, int], n_ctx: int,
+               context: dict[str, Any], parallel: int, seed: int | None, quiet: bool) -> int:
+    """Every prompt of the file, up to `parallel` at a time as sequences of one context: each step is one
+    llama_decode with the next token of every sequence that generates and the prompt tokens of those that start; a
+    finished sequence's place goes to the next prompt at once. One JSON line a prompt on stdout, in their order."""
+    vocab, seed = llama_cpp.llama_model_get_vocab(model), draw_seed(seed)
+    for job in jobs:
+        job["tokens"] = tokenize(vocab, "", add_bos=True) + user_turn(vocab, job["prompt"], specials,
+                                                                          system=job["settings"]["system"])
+        own = job["own"].get("seed")  # its own, or the run's plus its line's number
+        job["seed"] = own if own is not None else (seed + job["line"]) % (MAX_SEED + 1)
+    need = max(min(len(job["tokens"]) + job["settings"]["sample_len"], n_ctx) for job in jobs)
+    ctx, _ = new_context(model, n_ctx=need * parallel, sequences=parallel, **context)  # room for those in flight
+    llama_cpp.llama_set_abort_callback(ctx, ABORT, None)  # Ctrl-C stops a step between graph nodes
+    memory, batch = llama_cpp.llama_get_memory(ctx), llama_cpp.llama_batch_init(BATCH, 0, 1)
+    waiting, running, done = collections.deque(enumerate(jobs)), {}, {}
+    written, counts, began = 0, collections.Counter(), time.perf_counter()
+    with progress("prompts", total=len(jobs), unit="prompt") as bar:
+        while waiting or running:
+            while waiting and len(running) < parallel:  # a free sequence takes the next prompt
+                index, job = waiting.popleft()
+                if len(job["tokens"]) >= n_ctx:
+                    done[index] = answered(job, error=f"the prompt is {len(job['tokens'])} tokens and the context "
+                                           f"holds {n_ctx}; shorten it")
+                    counts["errors"] += 1
+                    continue
+                room = min(job["settings"]["sample_len"], n_ctx - len(job["tokens"]) + 1)
+                job.update(seq=min(set(range(parallel)) - {other["seq"] for other in running.values()}), n_past=0,
+                           reply=Reply(vocab, job["settings"], specials=specials, seed=job["seed"], room=room))
+                job["copy"] = shared_start(job, running.values())  # a start another prompt evaluates: copied
+                running[index] = job
+            step(ctx, batch, running.values(), counts)
+            for index, job in list(running.items()):
+                if job.get("at") is not None:
+                    job["reply"].next(ctx, job.pop("at"))
+                if job["reply"].finish:  # its place goes to the next prompt
+                    llama_cpp.llama_memory_seq_rm(memory, job["seq"], -1, -1)
+                    with job.pop("reply") as reply:
+                        done[index] = answered(job, reply=reply)
+                    counts["incomplete"] += "error" in done[index]
+                    counts["generated"] += len(reply.tokens)
+                    del running[index]
+                    bar.update(1)
+            while written in done:  # in order, each line as soon as it and every one before it are done
+                write_line(done.pop(written))
+                written += 1
+    llama_cpp.llama_batch_free(batch)
+    rate = speed(counts["generated"], time.perf_counter() - began)
+    note(f"answered {len(jobs)} prompts | prompt tokens: {counts['evaluated']} evaluated, {counts['shared']} shared | "
+         f"generated: {counts['generated']} tokens, {rate} | seed {seed}", quiet=quiet)
+    return 1 if counts["errors"] else INCOMPLETE if counts["incomplete"] else 0
+
+
+def shared_start(job: dict[str, Any], others: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], int] | None:
+    """The running prompt whose tokens share the longest start with this one's (SHARED_MIN at least; never its last
+    token, evaluated for its logits), and how long that start is: its cache is copied once evaluated."""
+    best: tuple[dict[str, Any], int] | None = None
+    for other in others:
+        length = len(os.path.commonprefix([other["tokens"][:-1], job["tokens"][:-1]]))
+        if length >= max(SHARED_MIN, best[1] + 1 if best else 0):
+            best = other, length
+    return best
+
+
+def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Iterable[dict[str, Any]],
+         counts: collections.Counter) -> int:
+    """One llama_decode: the last token drawn of each sequence that generates, then prompt tokens of those that start,
+    up to BATCH; a prompt's last token in a step of its own, as the one-shot run evaluates it. Tokens fed."""
+    memory, jobs, n = llama_cpp.llama_get_memory(ctx), list(jobs), 0
+    for job in jobs:  # a start another prompt has evaluated by now is copied, not evaluated again
+        if (source := job.get("copy")) and ("reply" not in source[0] or source[0]["n_past"] >= source[1]):
+            if "reply" in source[0]:  # else it ended before: this prompt evaluates its start itself
+                llama_cpp.llama_memory_seq_cp(memory, source[0]["seq"], job["seq"], 0, source[1])
+                job["n_past"], counts["shared"] = source[1], counts["shared"] + source[1]
+            job["copy"] = None
+
+    def add(token: int, job: dict[str, Any], logits: bool) -> None:
+        nonlocal n
+        batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, job["n_past"], 1, logits
+        batch.seq_id[n][0] = job["seq"]
+        job["n_past"] += 1
+        job["at"] = n if logits else None
+        n += 1
+
+    for job in jobs:
+        if job["reply"].tokens:  # generating: its last token goes in, and its logits are the next draw's
+            add(job["reply"].tokens[-1], job, True)
+    for job in jobs:
+        last = len(job["tokens"]) - 1
+        if job["reply"].tokens or job["copy"] or n == BATCH:
+            continue
+        if job["n_past"] == last:
+            add(job["tokens"][last], job, True)
+        for token in job["tokens"][job["n_past"]:min(last, job["n_past"] + BATCH - n)]:
+            add(token, job, False)
+            counts["evaluated"] += 1
+    batch.n_tokens = n
+    if n and llama_cpp.llama_decode(ctx, batch) != 0:
+        raise_noted()  # DECODE_ABORTED: Ctrl-C stopped it
+        fail("llama.cpp failed to evaluate a batch of prompts")
+    raise_noted()
+    return n
+
+
+def answered(job: dict[str, Any], *, reply: Reply | None = None, error: str | None = None) -> dict[str, Any]:
+    """A prompt's line: its own keys, the prompt, the reply as a one-shot run prints it, the seed, the tokens
+    generated and why the reply ended, and what went wrong, if anything."""
+    line = {**job["extra"], "prompt": job["prompt"], "seed": job["seed"]}
+    if reply is not None:
+        line.update(reply="".join(reply.text), tokens=len(reply.tokens), finish=reply.finish)
+        error = incomplete(reply) and f"the reply is incomplete: {incomplete(reply)}"
+    return {**line, "error": error} if error else line
+
+
+def write_line(line: dict[str, Any]) -> None:
+    sys.stdout.buffer.write(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
+    sys.stdout.buffer.flush()
+
+
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
 SHOWN_CHARS = 200  # the most of a name or value from the user that a message shows
 
@@ -1698,6 +1872,9 @@ def on_lost_signal(unraisable: Any) -> None:
     threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()  # sent now, it would be raised right here
 
 
+ABORT = llama_cpp.ggml_abort_callback(lambda data: bool(Signals.noted))  # llama.cpp asks between graph nodes
+
+
 def raise_noted() -> None:
     """Raise what was noted, SIGTERM or SIGHUP first, as the signal would have (KeyboardInterrupt, or exit 128 + it)."""
     if not Signals.noted:
@@ -1706,6 +1883,21 @@ def raise_noted() -> None:
     Signals.noted.clear()
     Signals.at_once = False
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def report(*, load: float, prompt: int, restored: int, asked: float, stamps: list[float], seed: int) -> str:
+    """The run's last line: the load, the prompt (evaluated, or restored) and the reply, timed; the seed."""
+    first = stamps[0] if stamps else time.perf_counter()
+    evaluation = speed(prompt, first - asked) if stamps else "stopped"  # a prompt stopped part-way has no speed
+    if restored and stamps:
+        evaluation = f"{restored} restored from an earlier run, first token in {first - asked:.2f} s"
+    rate = speed(len(stamps) - 1, stamps[-1] - first) if stamps else speed(0, 0)
+    return (f"loaded in {load:.2f} s | prompt: {prompt} tokens, {evaluation} | "
+            f"generated: {len(stamps)} tokens, {rate} | seed {seed}")
+
+
+def speed(count: int, seconds: float) -> str:
+    return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
 
 
 def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
@@ -1956,7 +2148,7 @@ def run() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as error:  # from the only writers to stdout, the reply could not be written: a full disk
-        writers = show.__code__, reply_line.__wrapped__.__code__  # type: ignore[attr-defined]
+        writers = show.__code__, reply_line.__wrapped__.__code__, write_line.__code__  # type: ignore[attr-defined]
         if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code not in writers:
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unwritten goes nowhere

@@ -49,13 +49,13 @@ def fed_tokens(result) -> str:
 
 
 # --- A document and an instruction ------------------------------------------------------------------------------------
-def test_a_piped_document_comes_first_then_a_blank_line_then_the_instruction(hub, warm_home):
-    piped = console(*crafted(prompt="say something"), "--verbose", hub=hub, home=warm_home,
+def test_a_piped_document_comes_first_then_a_blank_line_then_the_instruction(hub, random_home):
+    piped = console(*random_model(prompt="say something", seed=1), "--verbose", hub=hub, home=random_home,
                     stdin=b"hello world\nquick brown fox\n")
-    typed = console(*crafted(prompt="hello world\nquick brown fox\n\nsay something"), "--verbose", hub=hub,
-                    home=warm_home)
+    typed = console(*random_model(prompt="hello world\nquick brown fox\n\nsay something", seed=1), "--verbose",
+                    hub=hub, home=random_home)
     assert fed_tokens(piped) == fed_tokens(typed)
-    assert piped.stdout == typed.stdout
+    assert piped.stdout == typed.stdout  # random weights: the reply depends on every token of the prompt
 
 
 def test_without_an_instruction_the_pipe_is_the_whole_prompt_and_dash_reads_it_alone(hub, warm_home):
@@ -99,6 +99,19 @@ def test_random_weights_under_a_grammar_file_always_reply_in_its_language(hub, r
     result = console(*random_model(seed=seed, grammar=tmp_path / "words.gbnf"), hub=hub, home=random_home)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"(hello|world|ice)( (hello|world|ice)){2,4}\n", result.text)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])  # seeds whose free reply has no "q" and no byte that is not UTF-8
+def test_a_grammar_that_refuses_no_token_drawn_changes_no_draw(hub, random_home, tmp_path, seed):
+    # As in llama.cpp's own loop, the chain draws from every token and the grammar checks only the token drawn. Were
+    # the grammar applied first, the share of the tokens it refuses (here those with a "q") would be taken from the
+    # draw, and the same random numbers would pick other tokens.
+    free = console(*random_model(seed=seed, sample_len=24), hub=hub, home=random_home)
+    assert "q" not in free.text and "\ufffd" not in free.text  # nothing the grammar below refuses was drawn
+    (tmp_path / "g.gbnf").write_text("root ::= [^q]*\n")
+    bound = console(*random_model(seed=seed, sample_len=24, grammar=tmp_path / "g.gbnf"), hub=hub, home=random_home)
+    assert free.returncode == bound.returncode == 0, bound.stderr
+    assert bound.stdout.lstrip(b" ") == free.stdout  # the grammar's reply keeps its first token's space
 
 
 def test_a_grammar_redraws_only_what_it_refuses_and_the_reply_ends_where_it_is_complete(hub, warm_home, tmp_path):

@@ -129,7 +129,8 @@ def test_a_saved_state_larger_than_its_record_can_have_is_refused_unread(hub, st
         grown.truncate(60 * 10**9)  # 60 GB (sparse): minutes to hash, and no state of this record is that large
     loaded = chat_with(hub, storm_home, [f"/load {talk}", "/show"], sample_len=4)
     assert loaded.returncode == 0, loaded.stderr
-    assert "it is 60.00 GB, more than a state of" in loaded.stderr and "evaluating the conversation again" in loaded.stderr
+    assert "it is 60.00 GB, more than a state of" in loaded.stderr
+    assert "evaluating the conversation again" in loaded.stderr
 
 
 def open_files(pid: int) -> list[str]:

@@ -1,0 +1,148 @@
+"""Many prompts in one run (--prompts FILE): one load, up to --parallel prompts decoded together as sequences of one
+batch, one JSON line out for each prompt, in the file's order, each as its one-shot run would reply.
+
+Replies come from the random-weights model, so that each depends on its own prompt, seed and cache.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import signal
+import subprocess
+
+import pytest
+
+from conftest import PATIENCE, PYTHON, RANDOM, SCRIPT, Streams, console, environment_for, flags, start, the_error
+
+RANDOM_MODEL = ["--model-repo", RANDOM, "--model-file", "two-layers.gguf"]
+
+
+@pytest.fixture(scope="module")
+def home(hub, random_models, tmp_path_factory):
+    home = tmp_path_factory.mktemp("prompts_home")
+    assert console(*RANDOM_MODEL, "--sample-len", "1", "--prompt-cache-gb", "0", hub=hub, home=home).returncode == 0
+    return home
+
+
+def many(hub, home, path, *args: str, **settings):
+    chosen = {"temperature": 1.0, "sample_len": 12, "seed": 7, "prompt_cache_gb": 0, **settings}
+    return console(*RANDOM_MODEL, "--prompts", str(path), *flags(**chosen), *args, hub=hub, home=home)
+
+
+def lines_of(result) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
+
+def test_a_plain_file_gets_one_json_line_per_prompt_in_its_order(hub, home, tmp_path):
+    (tmp_path / "p.txt").write_text("why is the sky blue\n\nwrite a haiku\nsay hello world\n")  # a blank line skipped
+    lines = lines_of(many(hub, home, tmp_path / "p.txt"))
+    assert [line["prompt"] for line in lines] == ["why is the sky blue", "write a haiku", "say hello world"]
+    assert [line["seed"] for line in lines] == [8, 10, 11]  # the run's seed plus the line's number
+    for line in lines:
+        assert line["finish"] in ("end", "length") and 0 < line["tokens"] <= 12 and isinstance(line["reply"], str)
+
+
+def test_jsonl_carries_its_keys_and_settings_and_the_same_run_gives_the_same_bytes(hub, home, tmp_path):
+    rows = [{"id": 1, "prompt": "why is the sky blue"}, {"id": "b", "prompt": "write", "seed": 3, "sample_len": 2},
+            {"prompt": "say something", "tags": ["x"], "temperature": 0}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first = many(hub, home, tmp_path / "p.jsonl")
+    lines = lines_of(first)
+    assert [line.get("id") for line in lines] == [1, "b", None] and lines[2]["tags"] == ["x"]
+    assert lines[1]["seed"] == 3 and lines[1]["tokens"] <= 2  # its own seed and length
+    assert "sample_len" not in lines[1]  # a setting, not a key to carry
+    assert many(hub, home, tmp_path / "p.jsonl").stdout == first.stdout
+
+
+def test_with_parallel_1_each_line_is_the_one_shot_reply_for_its_seed(hub, home, tmp_path):
+    prompts = ["why is the sky blue", "write a haiku about ice hockey " * 3, "hello"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    lines = lines_of(many(hub, home, tmp_path / "p.txt", parallel=1, sample_len=24))
+    for prompt, line in zip(prompts, lines):
+        alone = console(*RANDOM_MODEL, *flags(prompt=prompt, seed=line["seed"], temperature=1.0, sample_len=24,
+                                              prompt_cache_gb=0), hub=hub, home=home)
+        assert alone.returncode == 0, alone.stderr
+        assert alone.stdout == (line["reply"] + "\n").encode()
+
+
+def test_parallel_prompts_of_every_length_and_ending_each_get_what_their_settings_allow(hub, home, tmp_path):
+    rows = [{"prompt": "hello " * n, "sample_len": 3 + n} for n in (1, 40, 3, 200, 9, 2, 80)]
+    rows[2]["stop"] = ["w"]  # the random vocabulary's pieces are "w123": a stop string ends it at once
+    rows[4]["json_schema"] = '{"enum": ["red", "blue"]}'
+    rows[5]["temperature"] = 0
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = lines_of(many(hub, home, tmp_path / "p.jsonl", parallel=3))
+    assert [line["prompt"] for line in lines] == [row["prompt"] for row in rows]
+    for row, line in zip(rows, lines):
+        assert line["tokens"] <= row["sample_len"]
+    assert lines[2]["finish"] == "stop" and "w" not in lines[2]["reply"]
+    assert lines[4]["finish"] == "end" and json.loads(lines[4]["reply"]) in ("red", "blue")
+    assert lines[0]["finish"] == "length" and lines[0]["tokens"] == 4
+
+
+def test_a_start_that_prompts_share_is_evaluated_once(hub, home, tmp_path):
+    system = "You are a terse assistant. " * 20  # about 120 tokens, the same at the start of every prompt
+    (tmp_path / "p.txt").write_text("one\ntwo\nthree\nfour\n")
+    result = many(hub, home, tmp_path / "p.txt", parallel=4, system=system, sample_len=4)
+    alone = many(hub, home, tmp_path / "p.txt", parallel=1, system=system, sample_len=4)
+    evaluated = [int(re.search(r"prompt tokens: (\d+) evaluated, (\d+) shared", r.stderr)[1]) for r in (result, alone)]
+    assert evaluated[0] < evaluated[1] / 2  # the system prompt once, not four times
+    assert len(lines_of(result)) == 4
+
+
+@pytest.mark.parametrize("content,said", [
+    (None, "cannot read"), ("", "holds no prompt"), ("\n  \n", "holds no prompt"),
+    ('hello\n{"prompt": 5}\n', 'line 2 needs a "prompt" that is non-empty text'),
+    ('{"prompt": "x", "temperature": -1}\n', "line 1: temperature must be"),
+    ('{"prompt": "x"\n', "line 1 is not JSON"),
+    ('{"prompt": "x", "json_schema": "{\\"oneOf\\": []}"}\n', "line 1: the JSON schema cannot be used: oneOf"),
+])
+def test_a_bad_file_is_one_line_naming_it_before_any_request(hub, tmp_path, content, said):
+    path = tmp_path / "p.jsonl"
+    if content is not None:
+        path.write_text(content)
+    line = the_error(console(*RANDOM_MODEL, "--prompts", str(path), hub=hub, home=tmp_path / "home"), code=2)
+    assert said in line and line.startswith("error: --prompts: ")
+    assert hub.requests == []
+
+
+def test_a_prompt_too_long_says_so_on_its_line_and_the_others_go_on(hub, home, tmp_path):
+    (tmp_path / "p.txt").write_text("hello\n" + "hello " * 600 + "\nworld\n")
+    result = many(hub, home, tmp_path / "p.txt", "--ctx", "256")
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert "error" not in lines[0] and "error" not in lines[2] and "reply" in lines[2]
+    assert "the context holds 256" in lines[1]["error"] and "reply" not in lines[1]
+
+
+def test_stdin_is_a_prompts_file_too(hub, home):
+    prompts = "".join(f"prompt number {n}\n" for n in range(6)).encode()
+    result = console(*RANDOM_MODEL, "--prompts", "-", *flags(sample_len=2, prompt_cache_gb=0), hub=hub, home=home,
+                     stdin=prompts)
+    assert [line["prompt"] for line in lines_of(result)] == [f"prompt number {n}" for n in range(6)]
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(hub, home, tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"prompt number {n}\n" for n in range(20)))
+    command = [PYTHON, str(SCRIPT), *RANDOM_MODEL, "--prompts", str(tmp_path / "p.txt"),
+               *flags(sample_len=2, prompt_cache_gb=0)]
+    result = subprocess.run(["bash", "-c", "set -o pipefail; " + shlex.join(command) + " | head -n 3"],
+                            capture_output=True, env=environment_for(hub, home), stdin=subprocess.DEVNULL,
+                            timeout=PATIENCE)
+    assert result.returncode == 0 and result.stderr.count(b"error") == 0, result.stderr[-800:]
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_ctrl_c_after_the_first_line_exits_130_and_every_line_out_is_whole(hub, home, tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"prompt number {n}\n" for n in range(40)))
+    process = start(*RANDOM_MODEL, "--prompts", str(tmp_path / "p.txt"), *flags(sample_len=200, prompt_cache_gb=0),
+                    "--parallel", "2", hub=hub, home=home)
+    streams = Streams(process)
+    streams.wait_for(b"\n", where="out")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=PATIENCE) == 130
+    stdout, stderr = streams.close()
+    assert "Traceback" not in stderr
+    assert stdout.endswith("\n") and all(json.loads(line)["prompt"] for line in stdout.splitlines())
