@@ -1365,6 +1365,8 @@ def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, A
         detail = getattr(error, "strerror", None) or error
         detail = detail if type(error) is ValueError else f"{type(error).__name__}: {detail}"  # ours say it all
         raise GrammarError(f"{what} cannot be used: {detail}") from None
+    if len(text) > GRAMMAR_MAX_BYTES:  # a schema's grammar, as large as a file's may be
+        raise GrammarError(f"{what} makes a grammar of {len(text)} characters, more than {GRAMMAR_MAX_BYTES}")
     # llama.cpp parses and samples by recursion, one C frame per nested group: a deep one would overflow its stack
     parentheses = (+1 if c == "(" else -1 for c in GROUPS.findall(text) if c)
     if (depth := max(itertools.accumulate(parentheses), default=0)) > GRAMMAR_MAX_DEPTH:
@@ -1812,16 +1814,15 @@ def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Ite
         last = len(job["tokens"]) - 1
         if job["reply"].tokens or job["copy"] or n == BATCH:
             continue
-        if job["n_past"] == last:
-            add(job["tokens"][last], job, True)
-        for token in job["tokens"][job["n_past"]:min(last, job["n_past"] + BATCH - n)]:
-            add(token, job, False)
+        chunk = [last] if job["n_past"] == last else range(job["n_past"], min(last, job["n_past"] + BATCH - n))
+        for position in chunk:  # the last token alone, with its logits
+            add(job["tokens"][position], job, position == last)
             counts["evaluated"] += 1
     batch.n_tokens = n
-    if n and llama_cpp.llama_decode(ctx, batch) != 0:
-        raise_noted()  # DECODE_ABORTED: Ctrl-C stopped it
+    status = llama_cpp.llama_decode(ctx, batch) if n else 0
+    raise_noted()  # after DECODE_ABORTED too: Ctrl-C stopped it
+    if status != 0:
         fail("llama.cpp failed to evaluate a batch of prompts")
-    raise_noted()
     return n
 
 
@@ -1831,7 +1832,7 @@ def answered(job: dict[str, Any], *, reply: Reply | None = None, error: str | No
     line = {**job["extra"], "prompt": job["prompt"], "seed": job["seed"]}
     if reply is not None:
         line.update(reply="".join(reply.text), tokens=len(reply.tokens), finish=reply.finish)
-        error = incomplete(reply) and f"the reply is incomplete: {incomplete(reply)}"
+        error = f"the reply is incomplete: {why}" if (why := incomplete(reply)) else None
     return {**line, "error": error} if error else line
 
 
