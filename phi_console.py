@@ -233,7 +233,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
         settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
-    llama_cpp.llama_sampler_free(grammar_sampler(None, vars(settings)))  # parsed now: a GrammarError ends in run()
+    check_grammar(None, vars(settings))  # parsed now: a GrammarError ends in run()
     settings.jobs = read_prompts(settings) if settings.prompts is not None else None  # checked before the download
     return settings
 
@@ -448,10 +448,9 @@ def token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, *, first: bool = Fal
 
 
 class Reply:
-    """One reply as it is made: its sampler chain, grammar, stop strings and UTF-8 decoding; what it has produced
-    (tokens, when each came, text) and why it ended. `finish` is None while it goes on, then "end" (the model ended
-    its turn), "length" (its `room` of tokens), "stop" (a stop string), "grammar" (the grammar allows no token more)
-    or "stopped" (Ctrl-C). The one-shot run, the chat and many prompts each make one per reply, and free it after."""
+    """One reply as it is made, for the one-shot run, the chat and many prompts alike: its sampler chain, grammar,
+    stop strings, UTF-8 decoding, what it produced and why it ended: `finish` is None until "end" (of the turn),
+    "length" (its `room`), "stop" (a stop string), "grammar" (it allows no token more) or "stopped" (Ctrl-C)."""
 
     def __init__(self, vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *, specials: dict[str, int],
                  seed: int, room: int, window: list[int] | None = None) -> None:
@@ -460,6 +459,7 @@ class Reply:
         self.stops, self.utf8 = StopStrings(settings["stop"]), codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.vocab, self.seed, self.room, self.asked = vocab, seed, room, settings["sample_len"]
         self.stop_ids, self.hidden = {specials[name] for name in STOP_TOKENS}, set(specials.values())
+        self.banned = self.hidden - self.stop_ids  # never drawn under a grammar, which would read their text
         self.tokens, self.stamps, self.text = [], [], []  # token ids, when each came, the text each added
         self.finish: str | None = None
 
@@ -474,7 +474,7 @@ class Reply:
     def next(self, ctx: llama_cpp.llama_context_p, index: int = -1) -> str:
         """Sample the next token from the logits of the batch's token `index` and say whether it ends the reply; the
         text it adds ("" mid-character, for a hidden special token, or while it may begin a stop string)."""
-        token = sample(ctx, sampler=self.sampler, grammar=self.grammar, banned=self.hidden - self.stop_ids, index=index)
+        token = sample(ctx, sampler=self.sampler, grammar=self.grammar, banned=self.banned, index=index)
         if token is not None:
             self.tokens.append(token)
             self.stamps.append(time.perf_counter())
@@ -547,7 +547,7 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
             note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded,
                         stamps=reply.stamps, seed=reply.seed), quiet=quiet)
         if why := incomplete(reply):  # a script notices a reply that does not fit
-            sys.stderr.write(f"error: the reply is incomplete: {why}\n")
+            sys.stderr.write(f"error: {why}\n")
             return INCOMPLETE
     return 0
 
@@ -1120,7 +1120,7 @@ class Conversation:
         except argparse.ArgumentTypeError as wrong:
             raise ValueError(f"{name} {wrong}") from None
         # A schema or grammar that cannot be used is refused now, not at every reply after it
-        llama_cpp.llama_sampler_free(grammar_sampler(self.vocab, {**self.settings, name: value}))
+        check_grammar(self.vocab, {**self.settings, name: value})
         self.settings[name] = value
         if name == "system":  # it belongs at the start of the conversation, so the conversation starts over
             return f"{name} = {self.settings[name]!r}; {self.reset()}"
@@ -1162,7 +1162,7 @@ class Conversation:
                              "one (or /reset, or start with a larger --ctx)")
         prompt = (tokenize(self.vocab, "", add_bos=True) if not self.tokens else []) + self.pending + turn
         room = min(self.settings["sample_len"], self.n_ctx - len(self.tokens) - len(prompt) + 1)
-        seed = (self.settings["seed"] + len(self.messages) // 2) % (MAX_SEED + 1)  # each reply its own draws
+        seed = reply_seed(self.settings["seed"], len(self.messages) // 2)  # each reply its own draws
         with Reply(self.vocab, self.settings, specials=self.specials, seed=seed, room=room,
                    window=self.replies) as reply:  # the penalty's window runs on over the replies
             llama_cpp.llama_perf_context_reset(self.ctx)  # its counters read max(1, n): a difference would be off by 1
@@ -1182,7 +1182,7 @@ class Conversation:
                 reply.finish = "stopped"  # a reply the user stopped is not called incomplete
             self.record(prompt=prompt, turn=len(turn), reply=reply, message=text)
             if why := incomplete(reply):
-                sys.stderr.write(f"error: the reply is incomplete: {why}\n")
+                sys.stderr.write(f"error: {why}\n")
         evaluated, stamps = llama_cpp.llama_perf_context(self.ctx).n_p_eval, reply.stamps
         waited = stamps[0] - asked if stamps else 0.0  # until the first token
         rate = speed(len(stamps) - 1, stamps[-1] - stamps[0]) if stamps else speed(0, 0)
@@ -1285,7 +1285,7 @@ def read_saved(path: Path, *, n_ctx: int) -> dict[str, Any]:
                          "start with a larger --ctx")
     settings = {name: saved["settings"].get(name, DEFAULTS[name]) for name in CHAT_SETTINGS}  # older files lack some
     try:  # a schema or grammar that cannot be used, as a flag's would be
-        llama_cpp.llama_sampler_free(grammar_sampler(None, settings))
+        check_grammar(None, settings)
     except GrammarError as wrong:
         raise ValueError(f"cannot load {shorten(path)}: its settings: {wrong}") from None
     return {**saved, "settings": settings, "path": path}
@@ -1392,6 +1392,11 @@ def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, A
 def read_grammar(path: str, stamp: tuple[int, ...]) -> str:
     """A grammar file (a regular file or a pipe, <(...)), no longer than any grammar is; a UTF-8 BOM is no text."""
     return read_bounded(Path(path), limit=GRAMMAR_MAX_BYTES, pipes=True).decode("utf-8").lstrip("\ufeff")
+
+
+def check_grammar(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any]) -> None:
+    """A schema or grammar that cannot be used is refused (GrammarError) when it is set, not at every reply after."""
+    llama_cpp.llama_sampler_free(grammar_sampler(vocab, settings))
 
 
 class SchemaGrammar(llama_cpp.llama_grammar.SchemaConverter):
@@ -1630,18 +1635,21 @@ def grammar_complete(grammar: llama_cpp.llama_sampler_p, vocab: llama_cpp.llama_
 
 
 def incomplete(reply: Reply) -> str | None:
-    """Why the reply ended before its grammar was complete, and what to do; None if it was complete (or had no
-    grammar, or the user stopped it)."""
-    if reply.grammar is None or reply.finish == "stopped" or reply.finish != "stop" and grammar_complete(
-            reply.grammar, reply.vocab):
+    """Why the reply ended before its grammar was complete, and what to do; None if it was complete, had no grammar,
+    or the user stopped it. A stop string always cuts a grammar's text short."""
+    if reply.grammar is None or reply.finish == "stopped":
         return None
     if reply.finish == "stop":
-        return "a stop string ended it before its grammar was complete; remove the stop strings its text can hold"
-    if reply.finish == "grammar":
-        return ("the grammar allows no token after it, so it can never be complete; no reply holds a NUL, a "
-                "special token or an unknown id")
-    more = "--sample-len" if reply.room == reply.asked else "--ctx (or shorten the prompt)"
-    return f"its {reply.room} tokens ended before its grammar was complete; raise {more}"
+        why = "a stop string ended it before its grammar was complete; remove the stop strings its text can hold"
+    elif reply.finish == "grammar":
+        why = ("the grammar allows no token after it, so it can never be complete; no reply holds a NUL, a special "
+               "token or an unknown id")
+    elif grammar_complete(reply.grammar, reply.vocab):
+        return None
+    else:
+        more = "--sample-len" if reply.room == reply.asked else "--ctx (or shorten the prompt)"
+        why = f"its {reply.room} tokens ended before its grammar was complete; raise {more}"
+    return f"the reply is incomplete: {why}"
 
 
 class StopStrings:
@@ -1712,7 +1720,7 @@ def read_prompts(settings: argparse.Namespace) -> list[dict[str, Any]]:
         merged = {**{name: getattr(settings, name) for name in CHAT_SETTINGS}, **own}
         if (merged["json_schema"], merged["grammar"]) not in checked:  # one check for each schema or grammar
             try:
-                llama_cpp.llama_sampler_free(grammar_sampler(None, merged))
+                check_grammar(None, merged)
             except GrammarError as wrong:
                 fail(f"{at}: {wrong}", code=2)
             checked.add((merged["json_schema"], merged["grammar"]))
@@ -1733,7 +1741,7 @@ def answer_all(model: llama_cpp.llama_model_p, jobs: list[dict[str, Any]], *, sp
         job["tokens"] = tokenize(vocab, "", add_bos=True) + user_turn(vocab, job["prompt"], specials,
                                                                           system=job["settings"]["system"])
         own = job["own"].get("seed")  # its own, or the run's plus its line's number
-        job["seed"] = own if own is not None else (seed + job["line"]) % (MAX_SEED + 1)
+        job["seed"] = own if own is not None else reply_seed(seed, job["line"])
     need = max(min(len(job["tokens"]) + job["settings"]["sample_len"], n_ctx) for job in jobs)
     ctx, _ = new_context(model, n_ctx=need * parallel, sequences=parallel, **context)  # room for those in flight
     llama_cpp.llama_set_abort_callback(ctx, ABORT, None)  # Ctrl-C stops a step between graph nodes
@@ -1832,7 +1840,7 @@ def answered(job: dict[str, Any], *, reply: Reply | None = None, error: str | No
     line = {**job["extra"], "prompt": job["prompt"], "seed": job["seed"]}
     if reply is not None:
         line.update(reply="".join(reply.text), tokens=len(reply.tokens), finish=reply.finish)
-        error = f"the reply is incomplete: {why}" if (why := incomplete(reply)) else None
+        error = incomplete(reply)
     return {**line, "error": error} if error else line
 
 
@@ -1899,6 +1907,11 @@ def report(*, load: float, prompt: int, restored: int, asked: float, stamps: lis
 
 def speed(count: int, seconds: float) -> str:
     return f"{count / seconds:.2f} tok/s" if count > 0 and seconds > 0 else "n/a"
+
+
+def reply_seed(seed: int, index: int) -> int:
+    """The seed of a run's index-th reply (a chat's exchange, a line of --prompts): each draws its own numbers."""
+    return (seed + index) % (MAX_SEED + 1)
 
 
 def show_tokens(vocab: llama_cpp.llama_vocab_p, tokens: list[int]) -> None:
