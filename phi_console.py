@@ -26,6 +26,7 @@ The program, a whole default run in the order the work happens; it ends with mai
   Stream        the sampler, Reply (one reply as it is made), generate() (the token loop), complete()
   Main          main(): settings -> download -> load -> prompt -> stream -> report
 Then the machinery that makes it robust and fast, each part entered by one call from the program:
+  Weight layouts        load_layouts(): prompts and generation each on the weights' layout measured faster here
   Download (machinery)  fetch_files(): every file checked against the hub's hash, a stopped download resumed
   Saved prompts         reusing_prompt(): a rerun restores its evaluated prompt instead of evaluating it again
   Chat                  chat(): a conversation kept in the KV cache; /save and /load (read_saved() checks --load)
@@ -106,7 +107,7 @@ PARALLEL = 4  # 1 .. 64 prompts of PROMPTS answered at once, as sequences of one
 CTX = 4096  # >= 1 tokens of context (prompt + reply, or the whole chat); at most the model's own 4096
 THREADS = None  # 1 .. 1024 CPU threads; None = the number of physical cores
 GPU_LAYERS = None  # layers to offload to a GPU, -1 = all; None = all when this build can offload, else 0
-REPACK = None  # True = llama.cpp repacks the weights for this CPU at each load; None = only where that pays
+REPACK = None  # True = llama.cpp repacks the weights for this CPU at each load; None = each phase as measured here
 PROMPT_CACHE_GB = 2.0  # disk for saved prompt states, so that rerunning a prompt skips evaluating it; 0 = off
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"  # Hugging Face repo that holds the weights
 MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"  # the weights: Q4_K_M, about 2.4 GB
@@ -158,8 +159,8 @@ SETTINGS: dict[str, Setting] = {
     "gpu_layers": Setting(int, True, lambda n: n >= -1, "an integer >= -1, or none",
                           "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
     "repack": Setting(bool, True, lambda b: True, "True, False or none",
-                      "let llama.cpp repack the weights for this CPU at each load: faster generation on some CPUs, "
-                      "for more memory and slower loads; none = with AVX-512 only on x86, else llama.cpp's choice"),
+                      "let llama.cpp repack the weights for this CPU at each load: faster on some CPUs, for more "
+                      "memory and slower loads; none = prompts and generation each as measured faster here, once"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk for recent runs' evaluated prompts, so that a rerun starts at once; 0 = off"),
     "model_repo": Setting(str, False, lambda s: repo_id_ok(s), "a repo: org/name", "Hugging Face repo of the weights"),
@@ -298,20 +299,16 @@ def download(files: list[tuple[str, str, str]], *, quiet: bool) -> list[str]:
 
 
 # --- Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose ----------------------------------
-def repack_weights(setting: bool | None) -> bool:
-    """Whether llama.cpp may repack weights for this CPU (its extra buffer types): the setting, or where that pays."""
+def repack_weights(setting: bool | None, *, gpu: bool) -> bool | None:
+    """Whether llama.cpp may repack weights for this CPU (its extra buffer types): the setting, or None: measure."""
     features = llama_cpp.llama_print_system_info()
     if b"AMX_INT8 = 1" in features:
-        # ggml's AMX kernel crashes on K-quant weights (this model is Q4_K_M), and a default build has it. Without
-        # extra buffer types the weights never reach it. A build with -U__AMX_INT8__ in its C and C++ flags lacks it.
+        # ggml's AMX kernel (a default build has it) crashes on K-quant weights, which reach it only when repacked
         if setting:
             fail("--repack: this llama.cpp build has the AMX kernel, which crashes on K-quant weights; "
                  "build it without (README: Troubleshooting)", code=2)
         return False
-    if setting is not None:
-        return setting
-    # Repacked weights generate faster with AVX-512, not with AVX2 alone; elsewhere llama.cpp's own choice stands
-    return b"AVX512 = 1" in features or b"AVX2 = 1" not in features
+    return True if setting is None and gpu else setting  # None: measured (Weight layouts); a GPU: llama.cpp's choice
 
 
 def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.llama_model_p:
@@ -521,9 +518,9 @@ def show(pieces: Iterator[str]) -> None:
             sys.stdout.buffer.flush()
 
 
-def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str, int], n_ctx: int,
-             context: dict[str, Any], sampling: dict[str, Any], identity: dict[str, Any], prompts: Path,
-             prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
+def complete(model: llama_cpp.llama_model_p, prompt_model: llama_cpp.llama_model_p, *, prompt: str,
+             specials: dict[str, int], n_ctx: int, context: dict[str, Any], sampling: dict[str, Any],
+             identity: dict[str, Any], prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
     """One reply to one prompt, streamed to stdout; load, prompt and generation speed, and the seed, on stderr."""
     vocab = llama_cpp.llama_model_get_vocab(model)
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials, system=sampling["system"])
@@ -532,13 +529,15 @@ def complete(model: llama_cpp.llama_model_p, *, prompt: str, specials: dict[str,
     loaded, restored = time.perf_counter(), 0
     with Reply(vocab, sampling, specials=specials, seed=draw_seed(sampling["seed"]), room=room) as reply:
         ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + room), **context)  # no more than it needs
+        prompt_ctx = ctx if prompt_model is model else new_context(prompt_model, n_ctx=key["n_ctx"], **context)[0]
         if verbose:
             show_tokens(vocab, tokens)
         try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
             # restored or not: both runs then compute the same numbers, and give the same reply
-            with reusing_prompt(ctx, tokens[:-1], identity | key, folder=prompts, limit=prompt_cache_gb * 1e9,
-                                quiet=quiet) as restored, reply_line():
-                evaluate(ctx, tokens[restored:-1])  # the penalty's window never sees the prompt: not the sampler's
+            with reusing_prompt(prompt_ctx, tokens[:-1], identity | key, folder=DATA_DIR / "prompts",
+                                limit=prompt_cache_gb * 1e9, quiet=quiet) as restored, reply_line():
+                evaluate(prompt_ctx, tokens[restored:-1])  # the penalty's window never sees the prompt
+                move_cache(prompt_ctx, ctx)  # to the generation's layout, where that is another
                 evaluate(ctx, tokens[-1:])
                 show(generate(ctx, reply))
         finally:  # also when Ctrl-C stopped it: the seed repeats the run
@@ -569,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     chatting = settings.chat or settings.load is not None
     prompt = None if chatting or settings.jobs else read_prompt(settings.prompt, n_ctx=settings.ctx)
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
-    repack = repack_weights(settings.repack)  # before the download: --repack is refused on a build it would crash
+    context = dict(threads=settings.threads or physical_cores(),
+                   gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
+    repack = repack_weights(settings.repack, gpu=context["gpu"])  # now: refused on a build it would crash
     if quiet:
         disable_progress_bars()
     if not verbose:
@@ -580,14 +581,13 @@ def main(argv: list[str] | None = None) -> int:
          (settings.tokenizer_repo, "tokenizer.json", settings.tokenizer_revision)], quiet=quiet)
     specials = read_special_tokens(tokenizer_path)
 
-    with ctrl_c(at_once=False):  # 3. load. From here on llama.cpp works: Ctrl-C stops it where that is safe
+    with ctrl_c(at_once=False):  # 3. load, each phase on its faster layout. Ctrl-C now stops llama.cpp where safe
         started = time.perf_counter()
-        model = load_model(model_path, gpu_layers=settings.gpu_layers, repack=repack)
+        model, prompt_model, repacked = load_layouts(model_path, repack=repack, gpu_layers=settings.gpu_layers,
+                                                     split=not (chatting or settings.jobs), threads=context["threads"])
         check_model(model, specials, n_ctx=settings.ctx)
-        context = dict(threads=settings.threads or physical_cores(),
-                       gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
         sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
-        model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers, repack=repack)
+        model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": repacked}
         if settings.jobs:  # 4-6. for every prompt of a file, together
             return answer_all(model, settings.jobs, specials=specials, n_ctx=settings.ctx, context=context,
                               parallel=settings.parallel, seed=settings.seed, quiet=quiet)
@@ -595,9 +595,88 @@ def main(argv: list[str] | None = None) -> int:
             return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
                         identity=model_identity, load=settings.load, first=settings.prompt, quiet=quiet,
                         verbose=verbose)
-        return complete(model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
-                        sampling=sampling, identity=model_identity, prompts=DATA_DIR / "prompts",
-                        prompt_cache_gb=settings.prompt_cache_gb, started=started, quiet=quiet, verbose=verbose)
+        return complete(model, prompt_model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
+                        sampling=sampling, identity=model_identity, prompt_cache_gb=settings.prompt_cache_gb,
+                        started=started, quiet=quiet, verbose=verbose)
+
+
+# --- Weight layouts (machinery): prompts and generation each on the layout of the weights measured faster here ------
+# llama.cpp can repack the weights into a layout for this CPU's kernels at each load. Whether that is faster differs
+# from CPU to CPU, and between evaluating a prompt (many tokens a batch) and generating (one): it is measured.
+LAYOUT_RECORD = {"prompt": bool, "generation": bool}  # an entry of layouts.json: which phase is repacked
+PROBE_TOKENS = 32  # prompt tokens evaluated as one batch to time a layout's prompts
+PROBE_STEPS = 8  # tokens then evaluated one at a time to time its generation
+PROBE_ROUNDS = 2  # each layout is timed this many times, in turns, and its best kept: a busy moment slows one
+NOISE = 1.1  # repacked weights must measure this much faster than the file's layout to be used for a phase
+
+
+def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, split: bool,
+                 threads: int) -> tuple[llama_cpp.llama_model_p, llama_cpp.llama_model_p, bool]:
+    """The model that generates, the one that evaluates prompts (the same one unless `split` and the two phases are
+    faster on different layouts), and whether the latter is repacked. `repack` decides, or where it is None this
+    machine's measurement: taken once for this build, model file and thread count, and kept in layouts.json."""
+    if repack is not None:
+        model = load_model(path, gpu_layers=gpu_layers, repack=repack)
+        return model, model, repack
+    file, key = DATA_DIR / "layouts.json", json.dumps([state_identity(path, gpu_layers=gpu_layers), threads])
+    known = read_json(file)
+    if shape_problem(known.get(key), LAYOUT_RECORD, "") is None:
+        prompt, generation = known[key]["prompt"], known[key]["generation"]
+        models = {layout: load_model(path, gpu_layers=gpu_layers, repack=layout)
+                  for layout in {generation, prompt if split else generation}}
+    else:
+        models = {layout: load_model(path, gpu_layers=gpu_layers, repack=layout) for layout in (False, True)}
+        speeds = layout_speeds(models, threads=threads)  # tokens a second: prompt, generation
+        prompt, generation = (speeds[True][phase] > speeds[False][phase] * NOISE for phase in (0, 1))
+        known[key] = {"prompt": prompt, "generation": generation, "tokens a second, prompt and generation":
+                      {"as in the file": speeds[False], "repacked": speeds[True]}}
+        with contextlib.suppress(OSError):  # unsaved, it is measured again next time
+            file.parent.mkdir(parents=True, exist_ok=True)
+            write_whole(file, json.dumps(known, indent=1))
+    prompt = prompt if split else generation
+    for layout in set(models) - {prompt, generation}:
+        llama_cpp.llama_model_free(models.pop(layout))
+    return models[generation], models[prompt], prompt
+
+
+def layout_speeds(models: dict[bool, llama_cpp.llama_model_p], *, threads: int) -> dict[bool, list[float]]:
+    """Each layout's prompt and generation speed, the best of PROBE_ROUNDS rounds taken in turns."""
+    best = {layout: [0.0, 0.0] for layout in models}
+    with progress("timing the weights in both layouts, once for this machine", total=PROBE_ROUNDS * 2,
+                  unit="run") as bar:
+        for _ in range(PROBE_ROUNDS):
+            for layout, model in models.items():
+                best[layout] = [max(pair) for pair in zip(best[layout], layout_speed(model, threads=threads))]
+                bar.update()
+    return best
+
+
+def layout_speed(model: llama_cpp.llama_model_p, *, threads: int) -> tuple[float, float]:
+    """Tokens a second: PROBE_TOKENS in one batch, then PROBE_STEPS one at a time (any tokens: speed is the same)."""
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    tokens = [index % n_vocab for index in range(1 + PROBE_TOKENS + PROBE_STEPS)]
+    ctx, _ = new_context(model, n_ctx=len(tokens), threads=threads, gpu=False)
+    try:
+        evaluate(ctx, tokens[:1])  # not timed: the first pass reads the weights into memory
+        times = [time.perf_counter()]
+        for batch in [tokens[1 : PROBE_TOKENS + 1], *([token] for token in tokens[PROBE_TOKENS + 1 :])]:
+            evaluate(ctx, batch)
+            times.append(time.perf_counter())
+    finally:
+        llama_cpp.llama_free(ctx)
+    return PROBE_TOKENS / (times[1] - times[0]), PROBE_STEPS / (times[-1] - times[1])
+
+
+def move_cache(source: llama_cpp.llama_context_p, target: llama_cpp.llama_context_p) -> None:
+    """Copy sequence 0's cache from one context into the other's empty one, in llama.cpp's state format, in memory:
+    the weights' layout changes how the numbers are computed, not how the cache holds them."""
+    if source is target:
+        return
+    size = llama_cpp.llama_state_seq_get_size(source, 0)
+    state = (ctypes.c_uint8 * size)()
+    if llama_cpp.llama_state_seq_get_data(source, state, size, 0) != size or \
+            llama_cpp.llama_state_seq_set_data(target, state, size, 0) != size:
+        fail("llama.cpp could not move the prompt's cache to the generation's weights; try --no-repack")
 
 
 # --- Download (machinery): files checked against the hub's hash, a stopped download resumed; HF_TOKEN for the hub only
@@ -827,12 +906,12 @@ KEPT_MAX_BYTES = 64 * 2**20  # a record or list the script keeps is far smaller;
 KEY_BYTES = 32  # the key that signs saved states: as long as its HMAC's sha256
 
 
-def state_identity(model_path: str, *, gpu_layers: int | None, repack: bool) -> dict[str, Any]:
-    """What a saved KV state depends on: the model's bytes (its file is named by its hash), the build, the layout."""
+def state_identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]:
+    """What a saved KV state depends on (with the layout that computed it): the model's bytes (its file is named by
+    its hash), the build. What a choice of layout depends on, with the thread count."""
     blob = os.path.realpath(model_path)
     build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers,
-            "repack": repack}
+    return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers}
 
 
 @contextlib.contextmanager
@@ -2037,7 +2116,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def shape_problem(value: Any, shape: Any, where: str) -> str | None:
     """Why a value read from a file lacks a shape ({key: shape}, [shape] or a type; a bool is no int), or None."""
-    kinds = {str: "text", int: "an integer", dict: "an object", list: "a list"}
+    kinds = {str: "text", int: "an integer", dict: "an object", list: "a list", bool: "true or false"}
     if isinstance(shape, dict) and isinstance(value, dict):
         inner = (shape_problem(value.get(key), part, f"{where}.{key}".lstrip(".")) for key, part in shape.items())
         return next((wrong for wrong in inner if wrong), None)

@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from local_hub import Hub  # noqa: E402
-from phi_console import PROMPT as DEFAULT_PROMPT, repack_weights  # noqa: E402
+from phi_console import PARALLEL as DEFAULT_PARALLEL, PROMPT as DEFAULT_PROMPT  # noqa: E402
 from phi3_models import quantize_q4_k_m, tokenizer_json, write_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +55,7 @@ MODEL_REPO, MODEL_FILE = "bench/phi3-mini-random", "phi3-mini-random-Q4_K_M.gguf
 TOKENIZER_REPO = "bench/phi3-tokenizer"
 THREADS = len(os.sched_getaffinity(0))  # one per core here (no SMT); the script's own default
 GEN_TOKENS, PROMPT_TOKENS, RUNS = 128, 512, 3
+BATCH_PROMPTS, SEQUENCES = 8, (1, 2, 4, 8)  # --prompts: how many, and the --parallel counts measured
 # A schema for generation under a grammar: random weights write its one string on and on, so the reply stays under the
 # grammar for all GEN_TOKENS tokens (and ends incomplete, exit status 3) or closes it early, as a real reply would
 SPEED_SCHEMA = json.dumps({"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]})
@@ -69,10 +70,13 @@ random weights, quantized to Q4_K_M like the real file: the same size and kernel
 `phi_console.py` runs through its real download and cache path (the tests' local hub serves the model once),
 with 2 threads, temperature 0, and `--verbose` so that llama.cpp's own timings are in its log. The yardsticks are
 built from the same llama.cpp source and build flags as the installed llama-cpp-python: `llama-bench`
-(every configuration of `--repack` and `-fa`; the best one counts) and `llama-completion`. Everything runs in
+(every configuration of `--repack` and `-fa`; the best one counts, for prompts the best without flash attention,
+which the script leaves off on a CPU), `llama-completion` and `llama-batched-bench`. Everything runs in
 rounds: each round runs every llama-bench configuration once and each of the script's runs once, in turns, so
 that the machine's drift hits both alike. A figure is the median of its rounds, with the lowest and highest
-round in brackets; a ratio is the median of the rounds' ratios. Memory is the process's own (Private_Dirty in
+round in brackets; a ratio is the median of the rounds' ratios. `--prompts` runs once per count, in turns with
+llama-batched-bench at that count (`-npp 12 -ntg 128 -kvu -fa off`, the script's layout for generation): both
+rates are generated tokens a second with the prompts' evaluation included. Memory is the process's own (Private_Dirty in
 `/proc/PID/smaps_rollup`, sampled every 0.1 s in runs of their own), not RSS, which also counts the mapped
 file's page cache. The script's prompt figures count everything from the loaded model to the first token
 (making the context, restoring a saved prompt); llama-bench's count only its batches, after an untimed warm-up.
@@ -154,12 +158,13 @@ def run_llama_bench(exe: Path, model: Path, *args: str) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def best(rounds: list[list[dict]], depth: int = 0) -> tuple[dict, list[float]]:
-    """The configuration (at that depth) whose median over the rounds is highest, and its speed in each round."""
+def best(rounds: list[list[dict]], depth: int = 0, fa_off: bool = False) -> tuple[dict, list[float]]:
+    """The configuration (at that depth; with fa_off, of those without flash attention, as the script runs on a CPU)
+    whose median over the rounds is highest, and its speed in each round."""
     speeds: dict[tuple[int, object], list[float]] = {}
     for results in rounds:
         for r in results:
-            if r["n_depth"] == depth:
+            if r["n_depth"] == depth and not (fa_off and r["flash_attn"]):
                 speeds.setdefault((int(r["repack"]), r["flash_attn"]), []).append(r["avg_ts"])
     (repack, flash_attn), chosen = max(speeds.items(), key=lambda item: statistics.median(item[1]))
     return {"repack": repack, "flash_attn": flash_attn, "median_ts": statistics.median(chosen)}, chosen
@@ -250,10 +255,11 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def walls(commands: dict[str, list[str]], env: dict[str, str], before: dict | None = None) -> dict[str, float]:
+def walls(commands: dict[str, list[str]], env: dict[str, str], before: dict | None = None,
+          after: dict | None = None) -> dict[str, float]:
     """Median wall time of each command, run in turns RUNS times so that drift hits them all alike.
 
-    before[name], if given, runs untimed before each run of that command.
+    before[name] and after[name], if given, run untimed before and after each run of that command.
     """
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(RUNS):
@@ -263,6 +269,8 @@ def walls(commands: dict[str, list[str]], env: dict[str, str], before: dict | No
             started = time.perf_counter()
             run_measured(command, env)
             times[name].append(time.perf_counter() - started)
+            if after and name in after:
+                after[name]()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -288,6 +296,31 @@ def ctrl_c_latency(command: list[str], env: dict[str, str]) -> float:
     return statistics.median(waits)
 
 
+def batch_rates(script: Callable[..., list[str]], env: dict[str, str], *, tmp: Path, repacked: bool, exe: Path,
+                model: Path) -> dict[int, tuple[float, float, int]]:
+    """--prompts at each --parallel count against llama-batched-bench at the same count, in turns (one round: each
+    takes minutes): generated tokens a second, prompt evaluation included in both, and the script's peak memory.
+    The prompts are as long as batched-bench's (-npp): about 12 tokens with the chat format."""
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("".join(f"Say something about number {n}\n" for n in range(BATCH_PROMPTS)))
+    rates = {}
+    for n in SEQUENCES:
+        command = script(None, GEN_TOKENS, "--prompts", str(prompts), "--parallel", str(n))
+        _, err, peak = run_measured(command, env, memory=True, codes=(0, 3))  # random weights may end early
+        summary = re.search(r"generated: (\d+) tokens, ([\d.]+) tok/s", err)
+        if not summary:
+            raise RuntimeError(f"no summary in: {err[-500:]}")
+        theirs = subprocess.run([str(exe), "-m", str(model), "-t", str(THREADS), "-npp", "12", "-ntg", str(GEN_TOKENS),
+                                 "-npl", str(n), "-kvu", "-fa", "off", "--output-format", "jsonl",
+                                 *([] if repacked else ["--no-repack"])], capture_output=True, text=True)
+        line = next((json.loads(x) for x in theirs.stdout.splitlines() if x.startswith("{")), None)
+        if theirs.returncode != 0 or line is None:
+            raise RuntimeError(f"llama-batched-bench failed: {theirs.stderr[-1500:]}")
+        rates[n] = (float(summary[2]), line["pl"] * line["tg"] / line["t"], peak)
+        log(f"  --parallel {n}: {rates[n][0]:.2f} tok/s ({summary[1]} tokens); llama-batched-bench {rates[n][1]:.2f}")
+    return rates
+
+
 def main() -> None:
     import llama_cpp
 
@@ -309,10 +342,11 @@ def main() -> None:
     rerun_prompt = " ".join(["hello world"] * 420)  # 850 tokens: a long prompt rerun with new settings
     saved_prompts = home / "phi-console" / "prompts"
 
-    def script(prompt: str, sample_len: int, *more: str) -> list[str]:
+    def script(prompt: str | None, sample_len: int, *more: str) -> list[str]:
         return [sys.executable, str(SCRIPT), "--model-repo", MODEL_REPO, "--model-file", MODEL_FILE,
                 "--tokenizer-repo", TOKENIZER_REPO, "--temperature", "0", "--repeat-penalty", "1",
-                "--threads", str(THREADS), "--sample-len", str(sample_len), "--prompt", prompt, "--verbose", *more]
+                "--threads", str(THREADS), "--sample-len", str(sample_len), "--verbose", *more,
+                *(["--prompt", prompt] if prompt is not None else [])]
 
     def evaluated(prompt: str, sample_len: int) -> list[str]:
         """The script, made to evaluate its prompt rather than restore it."""
@@ -320,10 +354,17 @@ def main() -> None:
 
     run_measured(script("hello", 1), env)  # downloads if needed, and warms the page cache
     hub.stop()
+    layouts = home / "phi-console" / "layouts.json"
+    answers: list[dict] = []
+    log("the script's choice of weight layouts: a first run that measures it, against one that reads it...")
+    choosing = walls({"measuring": script("hello", 1), "reading": script("hello", 1)}, env,
+                     before={"measuring": lambda: layouts.unlink(missing_ok=True)},
+                     after={"measuring": lambda: answers.extend(json.loads(layouts.read_text()).values())})
+    chosen = answers[-1]  # the answer later runs read
 
     # A build with the AMX kernel crashes on K-quant weights once they are repacked: it never repacks them
     amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
-    layouts, unrepacked = ("0", ["--no-repack"]) if amx else ("0,1", [])
+    repacks, unrepacked = ("0", ["--no-repack"]) if amx else ("0,1", [])
     log("warm reruns of the default prompt, one token: phi_console.py against llama-completion...")
     blob = next((home / "hub").glob(f"models--{MODEL_REPO.replace('/', '--')}/snapshots/*/{MODEL_FILE}"))
     run_measured(script(DEFAULT_PROMPT, 1), env)  # saves the default prompt's state for the runs that restore it
@@ -347,29 +388,30 @@ def main() -> None:
         run_measured(script(shared + " quick brown fox", 1), env)
         return script_run(script(" ".join(["hello world"] * 500), 1), env)
 
-    other = None if amx else "--no-repack" if repack_weights(None) else "--repack"  # the other layout, where allowed
     log("llama-bench (every configuration of --repack and -fa) and phi_console.py, in turns: generation, prompt "
         "evaluation at depth 0 and 512, and generation after a 500-token prompt...")
     steps: dict[str, Callable[[], Any]] = {
-        "tg": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", layouts, "-fa", "0,1"),
+        "tg": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "--repack", repacks, "-fa", "0,1"),
         "short": lambda: script_run(evaluated("hello", GEN_TOKENS), env),
         "schema": lambda: script_run(evaluated("hello", GEN_TOKENS) + ["--json-schema", SPEED_SCHEMA], env,
                                      codes=(0, 3)),
         "pp": lambda: run_llama_bench(exe, model, "-p", str(PROMPT_TOKENS), "-n", "0", "-d", "0,512",
-                                      "--repack", layouts, "-fa", "0,1"),
+                                      "--repack", repacks, "-fa", "0,1"),
         "prompt": lambda: script_run(evaluated(long_prompt, 1), env),
         "at_depth": at_depth_512,
         "deep": lambda: run_llama_bench(exe, model, "-p", "0", "-n", str(GEN_TOKENS), "-d", "500",
-                                        "--repack", layouts, "-fa", "0,1"),
+                                        "--repack", repacks, "-fa", "0,1"),
         "both": lambda: script_run(evaluated(long_prompt, GEN_TOKENS), env),
     }
-    if other:
-        steps["both_other"] = lambda: script_run(evaluated(long_prompt, GEN_TOKENS) + [other], env)
+    fixed = {} if amx else {"plain": "--no-repack", "repacked": "--repack"}  # each layout for both phases
+    for name, flag in fixed.items():
+        steps[name] = lambda flag=flag: script_run(evaluated(long_prompt, GEN_TOKENS) + [flag], env)
     measured = in_rounds(steps)
     (tg, tg_speeds), (pp, pp_speeds), (pp_deep, pp_deep_speeds), (deep, deep_speeds) = (
-        best(measured["tg"]), best(measured["pp"]), best(measured["pp"], depth=512), best(measured["deep"], depth=500))
+        best(measured["tg"]), best(measured["pp"], fa_off=True), best(measured["pp"], depth=512, fa_off=True),
+        best(measured["deep"], depth=500))
     short, prompt, at_depth, both = (medians(measured[name]) for name in ("short", "prompt", "at_depth", "both"))
-    both_other = medians(measured["both_other"]) if other else None
+    layout_runs = {name: medians(measured[name]) for name in fixed}
 
     def rounds_of(name: str, key: str) -> list[float]:
         return [run[key] for run in measured[name]]
@@ -377,8 +419,10 @@ def main() -> None:
     log("phi_console.py: peak memory, in runs of their own...")
     short["peak"] = run_measured(evaluated("hello", GEN_TOKENS), env, memory=True)[2]
     both["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS), env, memory=True)[2]
-    if both_other:
-        both_other["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS) + [other], env, memory=True)[2]
+    for name, flag in fixed.items():
+        layout_runs[name]["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS) + [flag], env, memory=True)[2]
+    batch = batch_rates(script, env, tmp=home, repacked=chosen["generation"], exe=llama_tool("llama-batched-bench"),
+                        model=model)
 
     log("the llama-cpp-python snippet (library defaults) on the same 500-token prompt...")
     formatted = f"<|user|>\n{long_prompt}<|end|>\n<|assistant|>"
@@ -418,7 +462,9 @@ def main() -> None:
         (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", spread("short", "tg", 2),
          theirs(f"llama-bench tg{GEN_TOKENS}", tg, tg_speeds, 2), f"{ratio(rounds_of('short', 'tg'), tg_speeds):.3f}"),
         (f"generation under a JSON schema, {GEN_TOKENS} tokens at most, same prompt (tok/s)", spread("schema", "tg", 2),
-         f"without: {spread('short', 'tg', 2)}", f"{ratio(rounds_of('schema', 'tg'), rounds_of('short', 'tg')):.3f}"),
+         f"without: {spread('short', 'tg', 2)}; Python and sampling per token: {spread('schema', 'overhead', 2)} ms, "
+         f"without: {spread('short', 'overhead', 2)} ms",
+         f"{ratio(rounds_of('schema', 'tg'), rounds_of('short', 'tg')):.3f}"),
         (f"prompt evaluation, {int(prompt['n_prompt'])} tokens (tok/s)", spread("prompt", "pp", 1),
          theirs(f"llama-bench pp{PROMPT_TOKENS}", pp, pp_speeds, 1),
          f"{ratio(rounds_of('prompt', 'pp'), pp_speeds):.3f}"),
@@ -428,11 +474,23 @@ def main() -> None:
         ("generation after that prompt (tok/s)", spread("both", "tg", 2),
          theirs(f"llama-bench tg{GEN_TOKENS} @ d500", deep, deep_speeds, 2),
          f"{ratio(rounds_of('both', 'tg'), deep_speeds):.3f}"),
-        *([(f"the same with {other}: prompt, then generation (tok/s)",
-            f"{spread('both_other', 'pp', 1)}, {spread('both_other', 'tg', 2)}",
-            f"loaded in {both_other['load']:.2f} s (default: {both['load']:.2f} s); "
-            f"peak Private_Dirty {both_other['peak'] / 2**30:.2f} GiB",
-            f"{ratio(rounds_of('both_other', 'tg'), deep_speeds):.3f}")] if both_other else []),
+        *((f"the same, both phases on {name} weights (`{flag}`): prompt, then generation (tok/s)",
+           f"{spread(name, 'pp', 1)}, {spread(name, 'tg', 2)}",
+           f"loaded in {layout_runs[name]['load']:.2f} s (default: {both['load']:.2f} s); "
+           f"peak Private_Dirty {layout_runs[name]['peak'] / 2**30:.2f} GiB",
+           f"{ratio(rounds_of(name, 'pp'), rounds_of('both', 'pp')):.3f}, "
+           f"{ratio(rounds_of(name, 'tg'), rounds_of('both', 'tg')):.3f} of the default")
+          for name, flag in fixed.items()),
+        ("choosing the layouts: a first run, which measures, against a later one (s)",
+         f"{choosing['measuring']:.2f}", f"a later run: {choosing['reading']:.2f}",
+         f"+{choosing['measuring'] - choosing['reading']:.2f} s"),
+        *((f"--prompts, {BATCH_PROMPTS} prompts x {GEN_TOKENS} tokens, --parallel {n} (generated tok/s)",
+           f"{rate:.2f}", f"llama-batched-bench -npl {n}: {theirs_rate:.2f}; peak Private_Dirty "
+           f"{peak / 2**30:.2f} GiB", f"{rate / theirs_rate:.3f}") for n, (rate, theirs_rate, peak) in batch.items()),
+        (f"--prompts: gain of --parallel {DEFAULT_PARALLEL} over 1",
+         f"{batch[DEFAULT_PARALLEL][0] / batch[1][0]:.2f}x",
+         f"llama-batched-bench: {batch[DEFAULT_PARALLEL][1] / batch[1][1]:.2f}x",
+         f"{batch[DEFAULT_PARALLEL][0] / batch[1][0] / (batch[DEFAULT_PARALLEL][1] / batch[1][1]):.3f}"),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
         ("peak Private_Dirty (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB",
@@ -473,10 +531,13 @@ def main() -> None:
     if "AMX_INT8 = 1" not in system and "-U__AMX_INT8__" in " ".join(BUILD_FLAGS):  # the CPU has it, the build not
         isa += ", built without the AMX kernel"
     heading = f"{cpu}, {THREADS} threads ({isa})"
-    layout = "repacked" if repack_weights(None) else "unrepacked"
+    layout = (f"prompts on {'repacked' if chosen['prompt'] else 'plain'} weights, generation on "
+              f"{'repacked' if chosen['generation'] else 'plain'} ones, as its first run measured "
+              f"({len(answers)} times: {[(a['prompt'], a['generation']) for a in answers]}, (prompt, generation) "
+              f"repacked; its rates: {answers[-1]['tokens a second, prompt and generation']})")
     lines = [f"{time.strftime('%Y-%m-%d')}: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, "
              f"huggingface_hub {importlib.metadata.version('huggingface_hub')}, Python {platform.python_version()}, "
-             f"{os.cpu_count()} logical CPUs; by default this CPU gets {layout} weights (`REPACK`). "
+             f"{os.cpu_count()} logical CPUs; by default (`REPACK`) {layout}. "
              f"Model: {size / 1e9:.2f} GB Q4_K_M, Phi-3-mini shape, random weights; {RUNS} rounds.",
              "", f"llama.cpp features: `{system.strip()}`", "",
              "| measure | phi_console.py | reference | ratio |", "|---|---|---|---|",

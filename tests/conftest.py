@@ -296,13 +296,15 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory, hub: Hub) -> list[str]:
 
 @pytest.fixture(scope="session")
 def random_models(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Two Q4_K_M models with random weights, wide enough (1024) to take the kernels the real file takes."""
+    """Two Q4_K_M models with random weights, wide enough (1024) to take the kernels the real file takes, and the
+    first as F16 (f16.gguf), whose weights llama.cpp never repacks."""
     folder = tmp_path_factory.mktemp("random")
     served = {}
     for name, layers in (("two-layers.gguf", 2), ("three-layers.gguf", 3)):
         f16 = write_gguf(folder / f"{name}.f16", logits={}, n_embd=1024, n_ff=2048, n_head=8, n_layer=layers,
                          random_weights=True, dtype=np.float16)
         served[name] = quantize_q4_k_m(f16, folder / name).read_bytes()
+        served.setdefault("f16.gguf", f16.read_bytes())
     hub.add(RANDOM, served)
 
 

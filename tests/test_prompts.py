@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 
+import llama_cpp
 import pytest
 
 from conftest import PATIENCE, PYTHON, RANDOM, SCRIPT, Streams, console, environment_for, flags, start, the_error
@@ -56,13 +57,17 @@ def test_jsonl_carries_its_keys_and_settings_and_the_same_run_gives_the_same_byt
     assert many(hub, home, tmp_path / "p.jsonl").stdout == first.stdout
 
 
-def test_with_parallel_1_each_line_is_the_one_shot_reply_for_its_seed(hub, home, tmp_path):
+@pytest.mark.parametrize("repack", [False, True])
+def test_with_parallel_1_each_line_is_the_one_shot_reply_for_its_seed_on_the_same_layout(hub, home, tmp_path, repack):
+    # A one-shot run may evaluate its prompt on the other layout, as measured faster: the weights' layout is fixed
+    if repack and b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        pytest.skip("this build never repacks")
     prompts = ["why is the sky blue", "write a haiku about ice hockey " * 3, "hello"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    lines = lines_of(many(hub, home, tmp_path / "p.txt", parallel=1, sample_len=24))
+    lines = lines_of(many(hub, home, tmp_path / "p.txt", parallel=1, sample_len=24, repack=repack))
     for prompt, line in zip(prompts, lines):
         alone = console(*RANDOM_MODEL, *flags(prompt=prompt, seed=line["seed"], temperature=1.0, sample_len=24,
-                                              prompt_cache_gb=0), hub=hub, home=home)
+                                              prompt_cache_gb=0, repack=repack), hub=hub, home=home)
         assert alone.returncode == 0, alone.stderr
         assert alone.stdout == (line["reply"] + "\n").encode()
 

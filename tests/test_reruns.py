@@ -111,7 +111,7 @@ def test_what_a_shared_start_leaves_in_the_cache_is_what_evaluating_the_whole_pr
     # Each run saves its prompt's state: compare them byte for byte, the cache's every number.
     run(hub, home, LONG + " quick brown fox")
     assert restored(run(hub, home, LONG + " blue sky")) == 512
-    shutil.copytree(home, tmp_path / "fresh", ignore=shutil.ignore_patterns("prompts"))
+    shutil.copytree(home, tmp_path / "fresh", symlinks=True, ignore=shutil.ignore_patterns("prompts"))
     assert restored(run(hub, tmp_path / "fresh", LONG + " blue sky")) == 0
     record = json.loads((tmp_path / "fresh" / "phi-console" / "prompts").glob("*.json").__next__().read_text())
     ours = [index for index in (home / "phi-console" / "prompts").glob("*.json")
@@ -205,9 +205,9 @@ def test_a_prompt_cache_of_zero_saves_nothing(hub, home):
 
 
 # The layout of the weights: as the file has them, or repacked by llama.cpp for this CPU (--repack), one per run.
-def verbose(hub, home, prompt: str, **settings: object):
+def verbose(hub, home, prompt: str, *, model: str = "two-layers.gguf", **settings: object):
     chosen = {"temperature": 1.0, "seed": 7, "sample_len": 12, **settings}
-    result = console("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--prompt", prompt, "--verbose",
+    result = console("--model-repo", RANDOM, "--model-file", model, "--prompt", prompt, "--verbose",
                      *flags(**chosen), hub=hub, home=home)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -227,16 +227,67 @@ def test_a_full_disk_does_not_change_the_reply_and_leaves_no_file_behind(hub, ho
     assert list((home / "phi-console" / "prompts").glob("*")) == []
 
 
-def test_by_default_weights_are_repacked_only_on_cpus_where_that_was_measured_to_pay(hub, home):
-    # Measured: an Intel Xeon with AVX-512 generates faster on repacked weights; an AMD EPYC with AVX2 alone does not,
-    # and the copy slows its prompts and loads. Other CPUs keep llama.cpp's own choice.
-    if b"AVX2 = 1" not in FEATURES:
-        pytest.skip("not an x86-64 CPU with AVX2: llama.cpp's own choice stands")
-    result = verbose(hub, home, LONG, repack=None, prompt_cache_gb=0)
-    if b"AMX_INT8 = 1" in FEATURES or b"AVX512 = 1" not in FEATURES:
-        assert not repacked(result)
-    else:
-        assert repacked(result)
+# By default, which layout each phase uses is measured: once per machine, model file and thread count.
+def layouts(home) -> dict:
+    return json.loads((home / "phi-console" / "layouts.json").read_text())
+
+
+def loads(result) -> int:
+    """How many times the run loaded the model (llama.cpp logs each load's file type once)."""
+    return result.stderr.count("print_info: file type")
+
+
+def test_by_default_the_first_run_times_both_layouts_and_later_runs_read_its_answer(hub, random_models, tmp_path):
+    if b"AMX_INT8 = 1" in FEATURES:
+        pytest.skip("this build never repacks")
+    verbose(hub, tmp_path, "hello", repack=False)
+    assert not (tmp_path / "phi-console" / "layouts.json").exists()  # --no-repack and --repack decide outright
+    first = verbose(hub, tmp_path, "hello", repack=None)
+    (key, answer), = layouts(tmp_path).items()
+    assert loads(first) == 2 and type(answer["prompt"]) is type(answer["generation"]) is bool
+    assert all(rate > 0 for pair in answer["tokens a second, prompt and generation"].values() for rate in pair)
+    again = verbose(hub, tmp_path, "hello", repack=None)
+    assert layouts(tmp_path) == {key: answer}  # read, not measured again
+    assert loads(again) == len({answer["prompt"], answer["generation"]}) and again.stdout == first.stdout
+    if b"AVX2 = 1" in FEATURES:  # llama.cpp repacks Q4_K weights on x86-64 CPUs with AVX2
+        assert repacked(again) == (answer["prompt"] or answer["generation"])
+    if answer["prompt"] == answer["generation"]:
+        assert again.stdout == fresh(hub, tmp_path, "hello", repack=answer["prompt"])
+
+
+def test_phases_faster_on_different_layouts_each_run_on_theirs_and_the_prompt_s_cache_moves_whole(hub, random_models,
+                                                                                                  tmp_path):
+    if b"AMX_INT8 = 1" in FEATURES:
+        pytest.skip("this build never repacks")
+    # llama.cpp repacks no F16 weights, so both layouts compute the same numbers here: the reply is the one-layout
+    # reply to the byte only if the prompt's cache (two batches) reached the generation's model whole.
+    f16 = {"model": "f16.gguf", "prompt_cache_gb": 0}
+    verbose(hub, tmp_path, "hello", **f16)  # measured
+    file = tmp_path / "phi-console" / "layouts.json"
+    file.write_text(json.dumps({key: {"prompt": False, "generation": True} for key in layouts(tmp_path)}))
+    split = verbose(hub, tmp_path, LONG, **f16)
+    assert loads(split) == 2 and split.stdout == verbose(hub, tmp_path, LONG, **f16, repack=False).stdout
+    saved = verbose(hub, tmp_path, LONG, model="f16.gguf")
+    again = verbose(hub, tmp_path, LONG, model="f16.gguf", seed=3)
+    assert restored(saved) == 0 and restored(again) == prompt_tokens(again) - 1
+    assert again.stdout == verbose(hub, tmp_path, LONG, **f16, repack=False, seed=3).stdout
+    chat = console("--model-repo", RANDOM, "--model-file", "f16.gguf", "--chat", "--verbose", hub=hub, home=tmp_path,
+                   stdin=b"hello\n")
+    assert chat.returncode == 0 and loads(chat) == 1  # a chat uses the generation's layout for all
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", "{}", "not JSON", "null", '{"prompt": 1, "generation": true}',
+                                    '{"prompt": false}'])
+def test_a_damaged_answer_is_measured_again_not_trusted(hub, random_models, tmp_path, damage):
+    if b"AMX_INT8 = 1" in FEATURES:
+        pytest.skip("this build never repacks")
+    verbose(hub, tmp_path, "hello", prompt_cache_gb=0)
+    file = tmp_path / "phi-console" / "layouts.json"
+    (key, answer), = layouts(tmp_path).items()
+    file.write_text(damage if damage in ("[1, 2]", "not JSON") else f"{{{json.dumps(key)}: {damage}}}")
+    result = verbose(hub, tmp_path, "hello", prompt_cache_gb=0)
+    assert loads(result) == 2 and "Traceback" not in result.stderr
+    assert layouts(tmp_path).keys() == {key}
 
 
 @pytest.mark.parametrize("repack", [False, True])
