@@ -529,15 +529,14 @@ def complete(model: llama_cpp.llama_model_p, prompt_model: llama_cpp.llama_model
     loaded, restored = time.perf_counter(), 0
     with Reply(vocab, sampling, specials=specials, seed=draw_seed(sampling["seed"]), room=room) as reply:
         ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + room), **context)  # no more than it needs
-        prompt_ctx = ctx if prompt_model is model else new_context(prompt_model, n_ctx=key["n_ctx"], **context)[0]
         if verbose:
             show_tokens(vocab, tokens)
         try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
             # restored or not: both runs then compute the same numbers, and give the same reply
-            with reusing_prompt(prompt_ctx, tokens[:-1], identity | key, folder=DATA_DIR / "prompts",
+            with reusing_prompt(ctx, tokens[:-1], identity | key, folder=DATA_DIR / "prompts",
                                 limit=prompt_cache_gb * 1e9, quiet=quiet) as restored, reply_line():
-                evaluate(prompt_ctx, tokens[restored:-1])  # the penalty's window never sees the prompt
-                move_cache(prompt_ctx, ctx)  # to the generation's layout, where that is another
+                # On the prompts' layout of the weights, where that is another; the penalty never sees the prompt
+                evaluate_on(prompt_model, ctx, tokens[restored:-1], context=context)
                 evaluate(ctx, tokens[-1:])
                 show(generate(ctx, reply))
         finally:  # also when Ctrl-C stopped it: the seed repeats the run
@@ -667,11 +666,25 @@ def layout_speed(model: llama_cpp.llama_model_p, *, threads: int) -> tuple[float
     return PROBE_TOKENS / (times[1] - times[0]), PROBE_STEPS / (times[-1] - times[1])
 
 
+def evaluate_on(model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p, tokens: list[int], *,
+                context: dict[str, Any]) -> None:
+    """evaluate() into ctx's cache, computed by `model` (the other layout, or ctx's own): in a context of its own for
+    the while, the cache moved there and back. Ctrl-C leaves ctx as it was."""
+    if model == llama_cpp.llama_get_model(ctx) or not tokens:
+        return evaluate(ctx, tokens)
+    other, _ = new_context(model, n_ctx=llama_cpp.llama_n_ctx(ctx), **context)
+    try:
+        if llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) >= 0:
+            move_cache(ctx, other)
+        evaluate(other, tokens)
+        move_cache(other, ctx)
+    finally:
+        llama_cpp.llama_free(other)
+
+
 def move_cache(source: llama_cpp.llama_context_p, target: llama_cpp.llama_context_p) -> None:
-    """Copy sequence 0's cache from one context into the other's empty one, in llama.cpp's state format, in memory:
-    the weights' layout changes how the numbers are computed, not how the cache holds them."""
-    if source is target:
-        return
+    """Put sequence 0's cache of one context in place of the other's, in llama.cpp's state format, in memory: the
+    weights' layout changes how the numbers are computed, not how the cache holds them."""
     size = llama_cpp.llama_state_seq_get_size(source, 0)
     state = (ctypes.c_uint8 * size)()
     if llama_cpp.llama_state_seq_get_data(source, state, size, 0) != size or \

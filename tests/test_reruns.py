@@ -271,6 +271,10 @@ def test_phases_faster_on_different_layouts_each_run_on_theirs_and_the_prompt_s_
     again = verbose(hub, tmp_path, LONG, model="f16.gguf", seed=3)
     assert restored(saved) == 0 and restored(again) == prompt_tokens(again) - 1
     assert again.stdout == verbose(hub, tmp_path, LONG, **f16, repack=False, seed=3).stdout
+    # 512 tokens restored, and the rest evaluated on the prompts' layout: the cache moves there and back
+    other = verbose(hub, tmp_path, LONG + " blue sky", model="f16.gguf")
+    assert restored(other) == 512 and other.stdout == verbose(hub, tmp_path, LONG + " blue sky", **f16,
+                                                                 repack=False).stdout
     chat = console("--model-repo", RANDOM, "--model-file", "f16.gguf", "--chat", "--verbose", hub=hub, home=tmp_path,
                    stdin=b"hello\n")
     assert chat.returncode == 0 and loads(chat) == 1  # a chat uses the generation's layout for all
