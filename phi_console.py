@@ -159,8 +159,8 @@ SETTINGS: dict[str, Setting] = {
     "gpu_layers": Setting(int, True, lambda n: n >= -1, "an integer >= -1, or none",
                           "layers offloaded to a GPU, -1 = all; none = all if this build can offload"),
     "repack": Setting(bool, True, lambda b: True, "True, False or none",
-                      "let llama.cpp repack the weights for this CPU at each load: faster on some CPUs, for more "
-                      "memory and slower loads; none = prompts and generation each as measured faster here, once"),
+                      "let llama.cpp repack the weights for this CPU at each load (faster on some CPUs, more memory); "
+                      "none = each phase on the layout measured faster here (GPU: repacked; AMX kernel: never)"),
     "prompt_cache_gb": Setting(float, False, lambda g: g >= 0, "a number >= 0",
                                "disk for recent runs' evaluated prompts, so that a rerun starts at once; 0 = off"),
     "model_repo": Setting(str, False, lambda s: repo_id_ok(s), "a repo: org/name", "Hugging Face repo of the weights"),
@@ -300,7 +300,7 @@ def download(files: list[tuple[str, str, str]], *, quiet: bool) -> list[str]:
 
 # --- Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose ----------------------------------
 def repack_weights(setting: bool | None, *, gpu: bool) -> bool | None:
-    """Whether llama.cpp may repack weights for this CPU (its extra buffer types): the setting, or None: measure."""
+    """The setting (None: measured, in Weight layouts), but True on a GPU (llama.cpp's own), never with AMX."""
     features = llama_cpp.llama_print_system_info()
     if b"AMX_INT8 = 1" in features:
         # ggml's AMX kernel (a default build has it) crashes on K-quant weights, which reach it only when repacked
@@ -308,7 +308,7 @@ def repack_weights(setting: bool | None, *, gpu: bool) -> bool | None:
             fail("--repack: this llama.cpp build has the AMX kernel, which crashes on K-quant weights; "
                  "build it without (README: Troubleshooting)", code=2)
         return False
-    return True if setting is None and gpu else setting  # None: measured (Weight layouts); a GPU: llama.cpp's choice
+    return True if setting is None and gpu else setting
 
 
 def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.llama_model_p:
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     context = dict(threads=settings.threads or physical_cores(),
                    gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
-    repack = repack_weights(settings.repack, gpu=context["gpu"])  # now: refused on a build it would crash
+    repack = repack_weights(settings.repack, gpu=context["gpu"])  # before the download: refused where it crashes
     if quiet:
         disable_progress_bars()
     if not verbose:
@@ -582,11 +582,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with ctrl_c(at_once=False):  # 3. load, each phase on its faster layout. Ctrl-C now stops llama.cpp where safe
         started = time.perf_counter()
-        model, prompt_model, repacked = load_layouts(model_path, repack=repack, gpu_layers=settings.gpu_layers,
-                                                     split=not (chatting or settings.jobs), threads=context["threads"])
+        model, prompt_model, prompts_repacked = load_layouts(  # split: a one-shot prompt may use the other layout
+            model_path, repack=repack, split=not (chatting or settings.jobs), gpu_layers=settings.gpu_layers,
+            threads=context["threads"])
         check_model(model, specials, n_ctx=settings.ctx)
-        sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
-        model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": repacked}
+        sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}  # a saved state names its prompts' layout
+        model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": prompts_repacked}
         if settings.jobs:  # 4-6. for every prompt of a file, together
             return answer_all(model, settings.jobs, specials=specials, n_ctx=settings.ctx, context=context,
                               parallel=settings.parallel, seed=settings.seed, quiet=quiet)
@@ -603,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
 # llama.cpp can repack the weights into a layout for this CPU's kernels at each load. Whether that is faster differs
 # from CPU to CPU, and between evaluating a prompt (many tokens a batch) and generating (one): it is measured.
 LAYOUT_RECORD = {"prompt": bool, "generation": bool}  # an entry of layouts.json: which phase is repacked
-PROBE_TOKENS = 32  # prompt tokens evaluated as one batch to time a layout's prompts
+PROBE_TOKENS = 32  # prompt tokens evaluated as one batch to time a layout's prompts (a 512-batch's proxy, quicker)
 PROBE_STEPS = 8  # tokens then evaluated one at a time to time its generation
 PROBE_ROUNDS = 2  # each layout is timed this many times, in turns, and its best kept: a busy moment slows one
 NOISE = 1.1  # repacked weights must measure this much faster than the file's layout to be used for a phase
@@ -617,7 +618,8 @@ def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, spli
     if repack is not None:
         model = load_model(path, gpu_layers=gpu_layers, repack=repack)
         return model, model, repack
-    file, key = DATA_DIR / "layouts.json", json.dumps([state_identity(path, gpu_layers=gpu_layers), threads])
+    identity = state_identity(path, gpu_layers=gpu_layers)
+    file, key = DATA_DIR / "layouts.json", json.dumps([identity["model"], identity["llama.cpp"], cpu_name(), threads])
     known = read_json(file)
     if shape_problem(known.get(key), LAYOUT_RECORD, "") is None:
         prompt, generation = known[key]["prompt"], known[key]["generation"]
@@ -641,7 +643,7 @@ def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, spli
 def layout_speeds(models: dict[bool, llama_cpp.llama_model_p], *, threads: int) -> dict[bool, list[float]]:
     """Each layout's prompt and generation speed, the best of PROBE_ROUNDS rounds taken in turns."""
     best = {layout: [0.0, 0.0] for layout in models}
-    with progress("timing the weights in both layouts, once for this machine", total=PROBE_ROUNDS * 2,
+    with progress("timing both layouts of the weights (once for this CPU, model and build)", total=PROBE_ROUNDS * 2,
                   unit="run") as bar:
         for _ in range(PROBE_ROUNDS):
             for layout, model in models.items():
@@ -668,8 +670,8 @@ def layout_speed(model: llama_cpp.llama_model_p, *, threads: int) -> tuple[float
 
 def evaluate_on(model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p, tokens: list[int], *,
                 context: dict[str, Any]) -> None:
-    """evaluate() into ctx's cache, computed by `model` (the other layout, or ctx's own): in a context of its own for
-    the while, the cache moved there and back. Ctrl-C leaves ctx as it was."""
+    """evaluate() into ctx's cache, computed by `model` (the other layout, or ctx's own): in a temporary context, the
+    cache moved there and back (meanwhile two caches are held). Ctrl-C leaves ctx as it was."""
     if model == llama_cpp.llama_get_model(ctx) or not tokens:
         return evaluate(ctx, tokens)
     other, _ = new_context(model, n_ctx=llama_cpp.llama_n_ctx(ctx), **context)
@@ -685,11 +687,11 @@ def evaluate_on(model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p, 
 def move_cache(source: llama_cpp.llama_context_p, target: llama_cpp.llama_context_p) -> None:
     """Put sequence 0's cache of one context in place of the other's, in llama.cpp's state format, in memory: the
     weights' layout changes how the numbers are computed, not how the cache holds them."""
-    size = llama_cpp.llama_state_seq_get_size(source, 0)
+    size = llama_cpp.llama_state_seq_get_size(source, 0)  # 0 where llama.cpp failed
     state = (ctypes.c_uint8 * size)()
-    if llama_cpp.llama_state_seq_get_data(source, state, size, 0) != size or \
+    if not size or llama_cpp.llama_state_seq_get_data(source, state, size, 0) != size or \
             llama_cpp.llama_state_seq_set_data(target, state, size, 0) != size:
-        fail("llama.cpp could not move the prompt's cache to the generation's weights; try --no-repack")
+        fail("llama.cpp could not move the prompt's cache between the two layouts' contexts; try --no-repack")
 
 
 # --- Download (machinery): files checked against the hub's hash, a stopped download resumed; HF_TOKEN for the hub only
@@ -920,8 +922,8 @@ KEY_BYTES = 32  # the key that signs saved states: as long as its HMAC's sha256
 
 
 def state_identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]:
-    """What a saved KV state depends on (with the layout that computed it): the model's bytes (its file is named by
-    its hash), the build. What a choice of layout depends on, with the thread count."""
+    """What a saved KV state depends on, but for the layout that computed it (the caller adds it): the model's bytes
+    (its file is named by its hash), the build, the layers on a GPU."""
     blob = os.path.realpath(model_path)
     build = llama_cpp.__version__ + " " + llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
     return {"model": f"{os.path.basename(blob)} {os.path.getsize(blob)}", "llama.cpp": build, "gpu_layers": gpu_layers}
@@ -2225,6 +2227,15 @@ def stdin_is_piped() -> bool:
         mode = os.fstat(sys.stdin.fileno()).st_mode
         return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
     return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux gives it (else the platform's): a choice measured on one kind of CPU."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[-1].strip()
+    return sys.platform
 
 
 def physical_cores() -> int:
