@@ -10,12 +10,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from conftest import LONG_PROMPT, PATIENCE, RANDOM, Streams, console, flags, start, storm
@@ -139,3 +141,18 @@ def open_files(pid: int) -> list[str]:
         with contextlib.suppress(OSError):  # closed meanwhile
             links.append(os.readlink(descriptor))
     return links
+
+
+def test_ctrl_c_while_both_layouts_are_timed_exits_130_and_keeps_no_half_measured_answer(hub, slow_model, slow_home,
+                                                                                        tmp_path):
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+        pytest.skip("this build never repacks, so it measures nothing")
+    home = tmp_path / "home"  # the slow model cached, its layouts not yet measured
+    shutil.copytree(slow_home, home, symlinks=True, ignore=shutil.ignore_patterns("layouts.json", "prompts"))
+    process = start(*slow_model, "--prompt", "hello", "--verbose", hub=hub, home=home)
+    streams = Streams(process)
+    streams.wait_for(b"llama_context: n_ctx ")  # the first context: the one that times a layout
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=PATIENCE) == 130
+    _, err = streams.close()
+    assert "Traceback" not in err and not (home / "phi-console" / "layouts.json").exists()
