@@ -614,7 +614,7 @@ def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, spli
                  threads: int) -> tuple[llama_cpp.llama_model_p, llama_cpp.llama_model_p, bool]:
     """The model that generates, the one that evaluates prompts (the same one unless `split` and the two phases are
     faster on different layouts), and whether the latter is repacked. `repack` decides, or where it is None this
-    machine's measurement: taken once per CPU, build, model file and thread count, and kept in layouts.json."""
+    machine's measurement: taken once for this build, model file and thread count, and kept in layouts.json."""
     if repack is not None:
         model = load_model(path, gpu_layers=gpu_layers, repack=repack)
         return model, model, repack
@@ -1838,6 +1838,7 @@ def answer_all(model: llama_cpp.llama_model_p, jobs: list[dict[str, Any]], *, sp
         job["seed"] = own if own is not None else reply_seed(seed, job["line"])
     need = max(min(len(job["tokens"]) + job["settings"]["sample_len"], n_ctx) for job in jobs)
     ctx, _ = new_context(model, n_ctx=need * parallel, sequences=parallel, **context)  # room for those in flight
+    llama_cpp.llama_set_abort_callback(ctx, ABORT, None)  # Ctrl-C stops a step between graph nodes
     memory, batch = llama_cpp.llama_get_memory(ctx), llama_cpp.llama_batch_init(BATCH, 0, 1)
     waiting, running, done = collections.deque(enumerate(jobs)), {}, {}
     written, counts, began = 0, collections.Counter(), time.perf_counter()
@@ -1911,7 +1912,6 @@ def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Ite
     for job in jobs:
         if job["reply"].tokens:  # generating: its last token goes in, and its logits are the next draw's
             add(job["reply"].tokens[-1], job, True)
-    generated = n
     for job in jobs:
         last = len(job["tokens"]) - 1
         if job["reply"].tokens or job["copy"] or n == BATCH:
@@ -1921,9 +1921,6 @@ def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Ite
             add(job["tokens"][position], job, position == last)
             counts["evaluated"] += 1
     batch.n_tokens = n
-    # Ctrl-C stops a step with prompt tokens between graph nodes. A step of generated tokens alone takes a fraction of
-    # a second and runs whole, as a one-shot reply's do: asking Python after each of its nodes slows it measurably
-    llama_cpp.llama_set_abort_callback(ctx, ABORT if n > generated else llama_cpp.ggml_abort_callback(), None)
     status = llama_cpp.llama_decode(ctx, batch) if n else 0
     raise_noted()  # after DECODE_ABORTED too: Ctrl-C stopped it
     if status != 0:
