@@ -74,7 +74,7 @@ built from the same llama.cpp source and build flags as the installed llama-cpp-
 which the script leaves off on a CPU), `llama-completion` and `llama-batched-bench`. Everything runs in
 rounds: each round runs every llama-bench configuration once and each of the script's runs once, in turns, so
 that the machine's drift hits both alike. A figure is the median of its rounds, with the lowest and highest
-round in brackets; a ratio is the median of the rounds' ratios. `--prompts` runs once per count, in turns with
+round in brackets; a ratio is the median of the rounds' ratios. `--prompts` runs at each count in turns with
 llama-batched-bench at that count (`-npp 12 -ntg 128 -kvu -fa off`, the script's layout for generation): both
 rates are generated tokens a second with the prompts' evaluation included. Memory is the process's own (Private_Dirty in
 `/proc/PID/smaps_rollup`, sampled every 0.1 s in runs of their own), not RSS, which also counts the mapped
@@ -297,29 +297,50 @@ def ctrl_c_latency(command: list[str], env: dict[str, str]) -> float:
 
 
 def batch_rates(script: Callable[..., list[str]], env: dict[str, str], *, tmp: Path, repacked: bool, exe: Path,
-                model: Path) -> tuple[dict[int, tuple[float, float]], int]:
-    """--prompts at each --parallel count against llama-batched-bench at the same count, in turns (one round: each
-    takes minutes): generated tokens a second, prompt evaluation included in both; and the script's peak memory at
-    the default count, in a run of its own. The prompts are as long as batched-bench's (-npp): about 12 tokens."""
+                model: Path) -> tuple[dict[int, list[tuple[float, float]]], int]:
+    """--prompts at each --parallel count against llama-batched-bench at the same count, in turns, in RUNS rounds:
+    generated tokens a second, prompt evaluation included in both, (ours, theirs) per round; and the script's peak
+    memory at the default count, in a run of its own. The prompts are as long as batched-bench's (-npp): 12 tokens."""
     prompts = tmp / "prompts.txt"
     prompts.write_text("".join(f"Say something about number {n}\n" for n in range(BATCH_PROMPTS)))
-    rates = {}
-    for n in SEQUENCES:
-        command = script(None, GEN_TOKENS, "--prompts", str(prompts), "--parallel", str(n))
-        _, err, _ = run_measured(command, env, codes=(0, 3))  # random weights may end early
-        summary = re.search(r"generated: (\d+) tokens, ([\d.]+) tok/s", err)
-        if not summary:
-            raise RuntimeError(f"no summary in: {err[-500:]}")
-        theirs = subprocess.run([str(exe), "-m", str(model), "-t", str(THREADS), "-npp", "12", "-ntg", str(GEN_TOKENS),
-                                 "-npl", str(n), "-kvu", "-fa", "off", "--output-format", "jsonl",
-                                 *([] if repacked else ["--no-repack"])], capture_output=True, text=True)
-        line = next((json.loads(x) for x in theirs.stdout.splitlines() if x.startswith("{")), None)
-        if theirs.returncode != 0 or line is None:
-            raise RuntimeError(f"llama-batched-bench failed: {theirs.stderr[-1500:]}")
-        rates[n] = (float(summary[2]), line["pl"] * line["tg"] / line["t"])
-        log(f"  --parallel {n}: {rates[n][0]:.2f} tok/s ({summary[1]} tokens); llama-batched-bench {rates[n][1]:.2f}")
+    rates: dict[int, list[tuple[float, float]]] = {n: [] for n in SEQUENCES}
+    for round_ in range(RUNS):
+        log(f"  --prompts, round {round_ + 1} of {RUNS}")
+        for n in SEQUENCES:
+            command = script(None, GEN_TOKENS, "--prompts", str(prompts), "--parallel", str(n))
+            _, err, _ = run_measured(command, env, codes=(0, 3))  # random weights may end early
+            summary = re.search(r"generated: (\d+) tokens, ([\d.]+) tok/s", err)
+            if not summary:
+                raise RuntimeError(f"no summary in: {err[-500:]}")
+            theirs = subprocess.run([str(exe), "-m", str(model), "-t", str(THREADS), "-npp", "12", "-ntg",
+                                     str(GEN_TOKENS), "-npl", str(n), "-kvu", "-fa", "off", "--output-format", "jsonl",
+                                     *([] if repacked else ["--no-repack"])], capture_output=True, text=True)
+            line = next((json.loads(x) for x in theirs.stdout.splitlines() if x.startswith("{")), None)
+            if theirs.returncode != 0 or line is None:
+                raise RuntimeError(f"llama-batched-bench failed: {theirs.stderr[-1500:]}")
+            rates[n].append((float(summary[2]), line["pl"] * line["tg"] / line["t"]))
+            log(f"  --parallel {n}: {rates[n][-1][0]:.2f} tok/s ({summary[1]} tokens); "
+                f"llama-batched-bench {rates[n][-1][1]:.2f}")
     command = script(None, GEN_TOKENS, "--prompts", str(prompts), "--parallel", str(DEFAULT_PARALLEL))
     return rates, run_measured(command, env, memory=True, codes=(0, 3))[2]
+
+
+def batch_rows(batch: dict[int, list[tuple[float, float]]], peak: int) -> list[tuple[str, str, str, str]]:
+    """BENCHMARKS.md's --prompts rows: each count's rates against batched-bench's, and the default count's gain."""
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    rows = [(f"--prompts, {BATCH_PROMPTS} prompts x {GEN_TOKENS} tokens, --parallel {n} (generated tok/s)",
+             spread([ours for ours, _ in pairs]), f"llama-batched-bench -npl {n}: {spread([t for _, t in pairs])}" +
+             (f"; peak Private_Dirty {peak / 2**30:.2f} GiB" if n == DEFAULT_PARALLEL else ""),
+             f"{ratio([ours for ours, _ in pairs], [t for _, t in pairs]):.3f}") for n, pairs in batch.items()]
+    gains = [(ours / one, theirs / their_one) for (ours, theirs), (one, their_one)
+             in zip(batch[DEFAULT_PARALLEL], batch[1])]  # each round's gain over its own --parallel 1
+    rows.append((f"--prompts: gain of --parallel {DEFAULT_PARALLEL} over 1", spread([g for g, _ in gains]) + "x",
+                 f"llama-batched-bench: {spread([t for _, t in gains])}x",
+                 f"{ratio([g for g, _ in gains], [t for _, t in gains]):.3f}"))
+    return rows
 
 
 def main() -> None:
@@ -485,14 +506,7 @@ def main() -> None:
         ("choosing the layouts: a first run, which measures, against a later one (s)",
          f"{choosing['measuring']:.2f}", f"a later run: {choosing['reading']:.2f}",
          f"+{choosing['measuring'] - choosing['reading']:.2f} s"),
-        *((f"--prompts, {BATCH_PROMPTS} prompts x {GEN_TOKENS} tokens, --parallel {n} (generated tok/s)",
-           f"{rate:.2f}", f"llama-batched-bench -npl {n}: {theirs_rate:.2f}" + (
-               f"; peak Private_Dirty {batch_peak / 2**30:.2f} GiB" if n == DEFAULT_PARALLEL else ""),
-           f"{rate / theirs_rate:.3f}") for n, (rate, theirs_rate) in batch.items()),
-        (f"--prompts: gain of --parallel {DEFAULT_PARALLEL} over 1",
-         f"{batch[DEFAULT_PARALLEL][0] / batch[1][0]:.2f}x",
-         f"llama-batched-bench: {batch[DEFAULT_PARALLEL][1] / batch[1][1]:.2f}x",
-         f"{batch[DEFAULT_PARALLEL][0] / batch[1][0] / (batch[DEFAULT_PARALLEL][1] / batch[1][1]):.3f}"),
+        *batch_rows(batch, batch_peak),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
         ("peak Private_Dirty (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB",
