@@ -386,7 +386,7 @@ def evaluate(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
     batch, memory = llama_cpp.llama_n_batch(ctx), llama_cpp.llama_get_memory(ctx)
     with prompt_bar(ctx, total=len(tokens)) as next_batch:
         for start in range(0, len(tokens), batch):
-            n_past = llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1
+            n_past = cached_tokens(ctx)
             chunk = tokens[start : start + batch]
             next_batch(start, len(chunk))
             array = token_array(chunk)  # held in a name: the batch only points at it
@@ -676,7 +676,7 @@ def evaluate_on(model: llama_cpp.llama_model_p, ctx: llama_cpp.llama_context_p, 
         return evaluate(ctx, tokens)
     other, _ = new_context(model, n_ctx=llama_cpp.llama_n_ctx(ctx), **context)
     try:
-        if llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) >= 0:
+        if cached_tokens(ctx):
             move_cache(ctx, other)
         evaluate(other, tokens)
         move_cache(other, ctx)
@@ -938,7 +938,7 @@ def reusing_prompt(ctx: llama_cpp.llama_context_p, prefix: list[int], key: dict[
     try:
         yield restored
     finally:
-        evaluated = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1 >= len(prefix)
+        evaluated = cached_tokens(ctx) >= len(prefix)
         if limit and restored < len(prefix) and evaluated:  # also when Ctrl-C stopped the reply
             save_prompt(ctx, prefix, key, folder=folder, limit=limit)
 
@@ -1036,11 +1036,10 @@ def untrusted(path: Path, mac: str, *, ctx: llama_cpp.llama_context_p, tokens: i
 def load_state(ctx: llama_cpp.llama_context_p, path: Path, tokens: list[int]) -> str | None:
     """Load save_state's file, which untrusted() passed, into the empty cache if it holds `tokens`; else say why not."""
     out, count = (llama_cpp.llama_token * max(len(tokens), 1))(), ctypes.c_size_t(0)
-    memory = llama_cpp.llama_get_memory(ctx)
     read = llama_cpp.llama_state_seq_load_file(ctx, os.fsencode(path), 0, out, len(tokens), ctypes.byref(count))
-    if read and out[:count.value] == tokens and llama_cpp.llama_memory_seq_pos_max(memory, 0) + 1 == len(tokens):
+    if read and out[:count.value] == tokens and cached_tokens(ctx) == len(tokens):
         return None
-    llama_cpp.llama_memory_clear(memory, True)
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     return "llama.cpp could not restore it"
 
 
@@ -1286,7 +1285,7 @@ class Conversation:
     def record(self, *, prompt: list[int], turn: int, reply: Reply, message: str) -> None:
         """The cache keeps what it evaluated; what it has not yet goes in with the next message."""
         self.exchanges.append(len(self.tokens) + len(prompt) - turn)
-        n_past = llama_cpp.llama_memory_seq_pos_max(self.memory, 0) + 1
+        n_past = cached_tokens(self.ctx)
         said, text = reply.tokens[:-1] if reply.finish == "end" else reply.tokens, "".join(reply.text)  # the end
         # token is never evaluated: the format's own end follows
         if reply.finish == "stop":  # A stop string ended the reply, perhaps mid-token or across tokens, so the tokens
@@ -2065,6 +2064,11 @@ def prompt_bar(ctx: llama_cpp.llama_context_p, *, total: int) -> Iterator[Callab
             yield next_batch
         finally:
             llama_cpp.llama_set_abort_callback(ctx, llama_cpp.ggml_abort_callback(), None)
+
+
+def cached_tokens(ctx: llama_cpp.llama_context_p) -> int:
+    """How many positions sequence 0's KV cache holds (llama.cpp gives the last one's, -1 when empty)."""
+    return llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) + 1
 
 
 def token_array(tokens: list[int]) -> ctypes.Array:
