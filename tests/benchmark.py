@@ -325,20 +325,21 @@ def batch_rates(script: Callable[..., list[str]], env: dict[str, str], *, tmp: P
     return rates, run_measured(command, env, memory=True, codes=(0, 3))[2]
 
 
+def span(values: list[float], digits: int = 2) -> str:
+    """The median of a figure over the rounds, and its lowest and highest round."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def batch_rows(batch: dict[int, list[tuple[float, float]]], peak: int) -> list[tuple[str, str, str, str]]:
     """BENCHMARKS.md's --prompts rows: each count's rates against batched-bench's, and the default count's gain."""
-
-    def spread(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
     rows = [(f"--prompts, {BATCH_PROMPTS} prompts x {GEN_TOKENS} tokens, --parallel {n} (generated tok/s)",
-             spread([ours for ours, _ in pairs]), f"llama-batched-bench -npl {n}: {spread([t for _, t in pairs])}" +
+             span([ours for ours, _ in pairs]), f"llama-batched-bench -npl {n}: {span([t for _, t in pairs])}" +
              (f"; peak Private_Dirty {peak / 2**30:.2f} GiB" if n == DEFAULT_PARALLEL else ""),
              f"{ratio([ours for ours, _ in pairs], [t for _, t in pairs]):.3f}") for n, pairs in batch.items()]
     gains = [(ours / one, theirs / their_one) for (ours, theirs), (one, their_one)
              in zip(batch[DEFAULT_PARALLEL], batch[1])]  # each round's gain over its own --parallel 1
-    rows.append((f"--prompts: gain of --parallel {DEFAULT_PARALLEL} over 1", spread([g for g, _ in gains]) + "x",
-                 f"llama-batched-bench: {spread([t for _, t in gains])}x",
+    rows.append((f"--prompts: gain of --parallel {DEFAULT_PARALLEL} over 1", span([g for g, _ in gains]) + "x",
+                 f"llama-batched-bench: {span([t for _, t in gains])}x",
                  f"{ratio([g for g, _ in gains], [t for _, t in gains]):.3f}"))
     return rows
 
@@ -472,13 +473,10 @@ def main() -> None:
         return f"repack {int(r['repack'])}, fa {r['flash_attn']}"
 
     def spread(name: str, key: str, digits: int) -> str:
-        """The median of a figure over the rounds, and its lowest and highest round."""
-        values = rounds_of(name, key)
-        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+        return span(rounds_of(name, key), digits)
 
     def theirs(label: str, chosen: dict, speeds: list[float], digits: int) -> str:
-        return (f"{label}: {chosen['median_ts']:.{digits}f} ({min(speeds):.{digits}f}-{max(speeds):.{digits}f}), "
-                f"{config(chosen)}")
+        return f"{label}: {span(speeds, digits)}, {config(chosen)}"
 
     rows = [
         (f"generation, {GEN_TOKENS} tokens after a short prompt (tok/s)", spread("short", "tg", 2),
