@@ -5,6 +5,8 @@
 #     "llama-cpp-python==0.3.36",
 #     "huggingface_hub==2.4.0; python_version >= '3.10'",
 #     "huggingface_hub==1.8.0; python_version < '3.10'",
+#     "llguidance==1.9.1; python_version >= '3.10'",
+#     "llguidance==1.3.0; python_version < '3.10'",
 # ]
 # ///
 """Stream a completion from Microsoft's Phi-3-mini, on your own machine.
@@ -30,7 +32,7 @@ Then the machinery that makes it robust and fast, each part entered by one call 
   Download (machinery)  fetch_files(): every file checked against the hub's hash, a stopped download resumed
   Saved prompts         reusing_prompt(): a rerun restores its evaluated prompt instead of evaluating it again
   Chat                  chat(): a conversation kept in the KV cache; /save and /load (read_saved() checks --load)
-  Answers               grammar_sampler(), sample(), StopStrings: replies that fit a schema, stop strings
+  Answers               constraint(), sample(), StopStrings: replies that fit a schema or grammar, stop strings
   Many prompts          answer_all(): --prompts, PARALLEL at a time as sequences of one batch
   Helpers               Ctrl-C noted until it is safe to act, progress bars, files written whole, run()
 """
@@ -73,6 +75,8 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     from typing import Any, BinaryIO, NamedTuple, NoReturn
 
     import llama_cpp
+    import llguidance  # JSON schemas, compiled and enforced as llama.cpp itself does when built with it
+    import llguidance.llamacpp
     import numpy as np  # llama-cpp-python's own dependency: the token arrays a grammar is applied to
     from huggingface_hub import constants as hub_constants, errors as hub_errors
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
@@ -98,7 +102,7 @@ REPEAT_PENALTY = 1.2  # 1e-30 .. 1e30; 1.0 = off, > 1.0 makes tokens the reply h
 REPEAT_LAST_N = 64  # 0 .. 65536; how many of the reply's latest tokens the penalty looks at, 0 = none
 SAMPLE_LEN = 100  # >= 1; the most tokens to generate
 STOP = []  # texts that end the reply just before the first of them; no byte of one is ever printed
-JSON_SCHEMA = None  # None, or a JSON Schema (as text): the reply is JSON that fits it
+JSON_SCHEMA = None  # None, or a JSON Schema (its text, or a file that holds it): the reply is JSON that fits it
 GRAMMAR = None  # None, or a GBNF grammar file (llama.cpp's format): the reply follows it
 SEED = None  # None = a new random seed each run (printed at the end); 0 .. 4294967294 repeats a run exactly
 CHAT = False  # True = a conversation at a `>>> ` prompt instead of one completion
@@ -143,8 +147,8 @@ SETTINGS: dict[str, Setting] = {
     "sample_len": Setting(int, False, lambda n: n >= 1, "an integer >= 1", "the most tokens to generate"),
     "stop": Setting(list, False, lambda texts: all(isinstance(t, str) and t != "" for t in texts), "non-empty "
                     "texts: one, a JSON list, or none", "the reply ends just before any; repeat --stop for more"),
-    "json_schema": Setting(str, True, lambda s: s.strip() != "", "JSON, or none", "the reply is JSON that fits this "
-                           "JSON Schema (\"$(cat schema.json)\" reads a file); none = off"),
+    "json_schema": Setting(str, True, lambda s: s.strip() != "", "JSON or a file that holds it, or none",
+                           "the reply is JSON that fits this JSON Schema (its text, or a file's name); none = off"),
     "grammar": Setting(str, True, lambda s: s.strip() != "", "a file, or none", "the reply follows this file's GBNF "
                        "grammar (llama.cpp's format); none = off"),
     "seed": Setting(int, True, lambda n: 0 <= n <= MAX_SEED, "an integer in 0..4294967294, or none",
@@ -451,12 +455,15 @@ class Reply:
 
     def __init__(self, vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *, specials: dict[str, int],
                  seed: int, room: int, window: list[int] | None = None) -> None:
-        self.grammar = grammar_sampler(vocab, settings)  # first: a GrammarError leaves nothing to free
+        self.stop_ids, self.hidden = {specials[name] for name in STOP_TOKENS}, set(specials.values())
+        # first: a GrammarError leaves nothing to free
+        self.constraint = constraint(vocab, settings, end=specials["<|end|>"])
         self.sampler = make_sampler(vocab, settings, seed=seed, window=window or [])
         self.stops, self.utf8 = StopStrings(settings["stop"]), codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.vocab, self.seed, self.room, self.asked = vocab, seed, room, settings["sample_len"]
-        self.stop_ids, self.hidden = {specials[name] for name in STOP_TOKENS}, set(specials.values())
-        self.banned = self.hidden - self.stop_ids  # never drawn under a grammar, which would read their text
+        if self.constraint:  # never drawn under a grammar or schema, which would read text the reply never prints
+            self.unprintable = unprintable(vocab, frozenset(self.hidden - self.stop_ids),
+                                           frozenset(self.stop_ids))
         self.tokens, self.stamps, self.text = [], [], []  # token ids, when each came, the text each added
         self.finish: str | None = None
 
@@ -464,14 +471,14 @@ class Reply:
         return self
 
     def __exit__(self, *exception: object) -> None:
-        for sampler in (self.sampler, self.grammar):
-            if sampler is not None:
-                llama_cpp.llama_sampler_free(sampler)
+        llama_cpp.llama_sampler_free(self.sampler)
+        if self.constraint:
+            self.constraint.free()
 
     def next(self, ctx: llama_cpp.llama_context_p, index: int = -1) -> str:
         """Sample the next token from the logits of the batch's token `index` and say whether it ends the reply; the
         text it adds ("" mid-character, for a hidden special token, or while it may begin a stop string)."""
-        token = sample(ctx, sampler=self.sampler, grammar=self.grammar, banned=self.banned, index=index)
+        token = sample(ctx, self, index)
         if token is not None:
             self.tokens.append(token)
             self.stamps.append(time.perf_counter())
@@ -482,7 +489,7 @@ class Reply:
             last = len(self.tokens) == self.room
             # A grammar reads a reply's first token with its leading space, and what it accepted is what is printed
             data = b"" if token in self.hidden else token_bytes(self.vocab, token, first=len(self.tokens) == 1
-                                                                and self.grammar is None)
+                                                                and self.constraint is None)
             piece = self.stops.feed(self.utf8.decode(data, final=last), final=last)
             self.finish = "stop" if self.stops.found else "length" if last else None
         self.text.append(piece)
@@ -1213,7 +1220,7 @@ class Conversation:
         except argparse.ArgumentTypeError as wrong:
             raise ValueError(f"{name} {wrong}") from None
         # A schema or grammar that cannot be used is refused now, not at every reply after it
-        check_grammar(self.vocab, {**self.settings, name: value})
+        check_grammar(self.vocab, {**self.settings, name: value}, end=self.specials["<|end|>"])
         self.settings[name] = value
         if name == "system":  # it belongs at the start of the conversation, so the conversation starts over
             return f"{name} = {self.settings[name]!r}; {self.reset()}"
@@ -1415,21 +1422,17 @@ def tokens_problem(context: dict[str, Any], *, n_vocab: int | None) -> str | Non
     return None
 
 
-# --- Answers (machinery): replies a program can use: a grammar or JSON schema they follow, stop strings ---------------
+# --- Answers (machinery): replies a program can use: a JSON schema or grammar they follow, stop strings ---------------
 GRAMMAR_MAX_BYTES = 2**20  # far more than any grammar; a longer file (or /dev/zero) is refused, not read whole
-GRAMMAR_MAX_DEPTH = 1000  # the most nested groups (or repeats in a schema) a grammar may have; deeper ones crash
+SCHEMA_MAX_BYTES = 2**24  # real schemas run to megabytes (Kubernetes' own); a longer file is refused, not read whole
+GRAMMAR_MAX_DEPTH = 1000  # the most nested groups a grammar may have; llama.cpp's parser crashes on deeper ones
 GROUPS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^]\\])*\]|#[^\n]*|([()])')  # a grammar's parentheses, not in text
-JSON_CHAR = llama_cpp.llama_grammar.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})', [])
-INTEGER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
-SCHEMA_WORDS = INTEGER_BOUNDS | {  # JSON Schema's keywords that limit what fits; the others only describe
-    "type", "enum", "const", "multipleOf", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
-    "uniqueItems", "contains", "maxContains", "minContains", "maxProperties", "minProperties", "required", "properties",
-    "patternProperties", "additionalProperties", "propertyNames", "dependentRequired", "dependentSchemas",
-    "dependencies", "allOf", "anyOf", "oneOf", "not", "if", "then", "else", "items", "prefixItems", "additionalItems",
-    "unevaluatedItems", "unevaluatedProperties", "$ref", "$dynamicRef"}
-SCHEMA_HINTS = {"oneOf": "use anyOf (the grammar cannot rule out a reply that fits two)",
-                "allOf": "write the schemas it combines out as one", "format": "only uuid, date, time and date-time "
-                "are enforced; remove it, or use a pattern", **dict.fromkeys(INTEGER_BOUNDS, "only an integer's are")}
+# A reply to a schema is one line of JSON, a space at most between its tokens: a program reads it a line at a time,
+# and a model cannot drift into blank lines and spend its tokens there (any whitespace is valid JSON)
+SCHEMA_SPACE = {"whitespace_pattern": " ?"}
+SCHEMA_STRICT = {"lenient": False, "coerce_one_of": False}  # every keyword enforced, or the schema refused
+SCHEMA_DATA = {"enum", "const", "default", "examples"}  # keywords whose values are JSON data, not schemas
+SCHEMA_OPEN = {"additionalProperties", "patternProperties", "unevaluatedProperties"}  # a schema's say on extra keys
 INCOMPLETE = 3  # exit status of a reply cut short before its grammar was complete, so that a script notices
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama.cpp's llama_token_data
 
@@ -1438,28 +1441,92 @@ class GrammarError(ValueError):
     """A JSON schema or grammar that cannot shape a reply: one line, and exit 2 (run()) unless in a chat."""
 
 
-def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any]) -> llama_cpp.llama_sampler_p:
-    """llama.cpp's grammar sampler for JSON_SCHEMA (schema_grammar()) or GRAMMAR's file; None for neither. Without a
-    vocabulary the grammar is only parsed, and one that names tokens (<|end|>) waits for it."""
+class Grammar:
+    """A GBNF grammar, on llama.cpp's grammar sampler. It and Schema answer the same four questions for Reply."""
+
+    def __init__(self, sampler: llama_cpp.llama_sampler_p, vocab: llama_cpp.llama_vocab_p) -> None:
+        self.sampler, self.vocab = sampler, vocab
+
+    def allows(self, token: int) -> bool:
+        logits = np.zeros(1, dtype=np.float32)
+        self.mask(logits, ids=np.array([token]))
+        return bool(logits[0] > -np.inf)
+
+    def mask(self, logits: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Every token it refuses gets the logit -inf (all of the vocabulary, or just `ids`)."""
+        data = np.empty(len(logits), dtype=TOKEN_DATA)
+        data["id"], data["logit"], data["p"] = np.arange(len(logits)) if ids is None else ids, logits, 0.0
+        array = llama_cpp.llama_token_data_array(data.ctypes.data_as(llama_cpp.llama_token_data_p), len(data), -1,
+                                                 False)
+        llama_cpp.llama_sampler_apply(self.sampler, ctypes.byref(array))
+        logits[:] = data["logit"]
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self.sampler, token)
+
+    def complete(self) -> bool:
+        """It allows the end of generation only once what it accepted is complete."""
+        return self.allows(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def stuck(self) -> str:
+        return "the grammar allows no token after it; no reply holds a NUL, a special token or an unknown id"
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.sampler)
+
+
+class Schema:
+    """A JSON schema, on llguidance's matcher: the engine llama.cpp itself uses for schemas, which checks a token in
+    about a microsecond and computes the whole vocabulary's mask in about ten."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self.matcher = matcher
+
+    def allows(self, token: int) -> bool:
+        return self.matcher.validate_tokens([token]) == 1 and not self.matcher.is_error()
+
+    def mask(self, logits: np.ndarray) -> None:
+        bits = np.zeros((len(logits) + 31) // 32, dtype=np.int32)  # a bit for each token: may it come next?
+        self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        logits[np.unpackbits(bits.view(np.uint8), bitorder="little")[:len(logits)] == 0] = -np.inf
+        if self.matcher.is_error():  # a limit of its parser reached: it would allow only the end, as if complete
+            logits[:] = -np.inf
+
+    def stuck(self) -> str:
+        return f"llguidance could not go on ({one_line(self.matcher.get_error().split('<state>')[0])})"
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
+
+    def complete(self) -> bool:
+        return self.matcher.is_accepting()
+
+    def free(self) -> None:
+        pass
+
+
+def constraint(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any], *,
+               end: int | None = None) -> Grammar | Schema | None:
+    """What shapes the reply: JSON_SCHEMA on llguidance, GRAMMAR's file on llama.cpp's grammar sampler (whose meaning
+    llguidance's conversion would change), or None. Without a vocabulary it is only checked; `end` is <|end|>'s id."""
     schema, path = settings["json_schema"], settings["grammar"]
     if schema is not None and path is not None:
         raise GrammarError("a JSON schema and a grammar file are both set; set one of them to none")
-    what = "the JSON schema" if schema is not None else f"the grammar file {shorten(path)}"
-    try:
-        if schema is not None:
-            text = schema_grammar(schema)
-        elif path is not None:
-            info = os.stat(path)  # a changed file is read again; a pipe only once (its text is then gone)
-            text = read_grammar(path, (info.st_ino, *([info.st_mtime_ns, info.st_size] if stat.S_ISREG(info.st_mode)
-                                                     else [])))
-        else:
+    if schema is not None:
+        grammar = schema_grammar(schema)
+        if vocab is None:
             return None
-    except Exception as error:  # the converter raises what it meets: AssertionError for an unknown type, ...
-        detail = getattr(error, "strerror", None) or error
-        detail = detail if type(error) is ValueError else f"{type(error).__name__}: {detail}"  # ours say it all
-        raise GrammarError(f"{what} cannot be used: {detail}") from None
-    if len(text) > GRAMMAR_MAX_BYTES:  # a schema's grammar, as large as a file's may be
-        raise GrammarError(f"{what} makes a grammar of {len(text)} characters, more than {GRAMMAR_MAX_BYTES}")
+        matcher = llguidance.LLMatcher(schema_tokenizer(vocab, end), grammar, log_level=0)
+        if matcher.is_error():  # what only the vocabulary shows
+            raise GrammarError(f"the JSON schema cannot be used: {one_line(matcher.get_error())}")
+        return Schema(matcher)
+    if path is None:
+        return None
+    what = f"the grammar file {shorten(path)}"
+    try:
+        text = read_text(path, limit=GRAMMAR_MAX_BYTES)
+    except (OSError, ValueError) as error:
+        raise GrammarError(f"{what} cannot be used: {getattr(error, 'strerror', None) or error}") from None
     # llama.cpp parses and samples by recursion, one C frame per nested group: a deep one would overflow its stack
     parentheses = (+1 if c == "(" else -1 for c in GROUPS.findall(text) if c)
     if (depth := max(itertools.accumulate(parentheses), default=0)) > GRAMMAR_MAX_DEPTH:
@@ -1478,266 +1545,141 @@ def grammar_sampler(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, A
     reason = next((line.split("parsing grammar: ")[-1] for line in lines if line.strip()), "it is empty")
     if not grammar and (vocab or not reason.startswith("no vocab")):
         raise GrammarError(f"{what} does not parse ({reason})")
+    return Grammar(grammar, vocab) if grammar else None
+
+
+def check_grammar(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any], *, end: int | None = None) -> None:
+    """A schema or grammar that cannot be used is refused (GrammarError) when it is set, not at every reply after."""
+    if shaper := constraint(vocab, settings, end=end):
+        shaper.free()
+
+
+@functools.lru_cache(maxsize=16)
+def schema_grammar(value: str) -> str:
+    """llguidance's grammar for JSON_SCHEMA: the schema as JSON text, or the path of a file that holds it. Whatever
+    llguidance cannot enforce, it refuses, and so does this (GrammarError, with its reason)."""
+    is_text = value.lstrip()[:1] in ("{", "[") or value.strip() in ("true", "false")
+    what, hint = "the JSON schema" if is_text else f"the JSON schema file {shorten(value)}", ""
+    try:
+        text = value if is_text else read_text(value, limit=SCHEMA_MAX_BYTES)
+        schema = json.loads(text, parse_constant=not_json, parse_float=finite)  # Python's takes NaN; llguidance not
+        # A schema's own "x-guidance" options may not loosen it: what is refused stays refused
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), defaults=SCHEMA_SPACE,
+                                                                overrides=SCHEMA_STRICT)
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except RecursionError:
+        error = f"it nests deeper than {sys.getrecursionlimit()} levels"
+    except json.JSONDecodeError as wrong:
+        error, hint = str(wrong), "; --json-schema takes the schema's JSON text, or a file that holds it"
+    except (OSError, ValueError) as wrong:
+        error = getattr(wrong, "strerror", None) or str(wrong)
+    if error:
+        if "coerce_one_of" in error:  # an option the overrides keep off: anyOf is what the reply can be held to
+            error = "oneOf is enforced only where no value can fit two of its schemas; use anyOf"
+        raise GrammarError(f"{what} cannot be used: {one_line(error)}{hint}")
     return grammar
 
 
-@functools.lru_cache(maxsize=4)
-def read_grammar(path: str, stamp: tuple[int, ...]) -> str:
-    """A grammar file (a regular file or a pipe, <(...)), no longer than any grammar is; a UTF-8 BOM is no text."""
-    return read_bounded(Path(path), limit=GRAMMAR_MAX_BYTES, pipes=True).decode("utf-8").lstrip("\ufeff")
-
-
-def check_grammar(vocab: llama_cpp.llama_vocab_p | None, settings: dict[str, Any]) -> None:
-    """A schema or grammar that cannot be used is refused (GrammarError) when it is set, not at every reply after."""
-    llama_cpp.llama_sampler_free(grammar_sampler(vocab, settings))
-
-
-class SchemaGrammar(llama_cpp.llama_grammar.SchemaConverter):
-    """llama-cpp-python's JSON-schema-to-GBNF converter, with what it lacks: integer ranges, and strings without the
-    raw control characters JSON forbids in them."""
-
-    def visit(self, schema: dict[str, Any], name: str) -> str:
-        if schema.get("type") == "integer" and INTEGER_BOUNDS & schema.keys():
-            low, high = integer_bounds(schema)
-            alternatives = ([f'"-" {naturals(max(1, -high) if high is not None else 1, None if low is None else -low)}']
-                            if low is None or low < 0 else [])
-            if high is None or high >= 0:
-                alternatives.append(naturals(max(low or 0, 0), high))
-            rule = f"({' | '.join(alternatives)}) space"
-            reserved = name in llama_cpp.llama_grammar.RESERVED_NAMES
-            return self._add_rule(f"{name}-" if reserved else name or "root", rule)
-        return super().visit(schema, name)
-
-    def _format_literal(self, literal: str) -> str:  # GBNF's escapes; the converter's leave a backslash as it is
-        return '"' + re.sub(r'[\\"\x00-\x1f]', lambda c: f"\\x{ord(c[0]):02X}", literal) + '"'
-
-    def _add_primitive(self, name: str, rule: Any) -> str:
-        return super()._add_primitive(name, JSON_CHAR if name == "char" else rule)
-
-
-def schema_grammar(text: str) -> str:
-    """GBNF for a JSON schema, once every keyword in it is known to be enforced (enforceable()); ValueError if not."""
-    try:
-        schema = json.loads(text)
-    except ValueError as error:
-        raise ValueError(f"it is not JSON: {error}; --json-schema takes the schema itself: \"$(cat FILE)\"") from None
-    enforceable(schema, schema, "", set())
-    converter = SchemaGrammar(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    converter.visit(converter.resolve_refs(schema, "schema"), "")
-    return converter.format_grammar()
-
-
-def enforceable(schema: Any, root: Any, where: str, seen: set[str]) -> None:
-    """Refuse (ValueError, naming it) any keyword the converter would leave unenforced, following its own order of
-    cases, so that a reply the grammar allows always fits the schema; fills in `"items": {}` as any value."""
+def closed(schema: Any, *, combined: bool = False) -> Any:
+    """The schema as ollama's format (llama.cpp's converter) and OpenAI's strict mode read it: an object holds only the
+    properties it names, unless it says otherwise or is one of allOf's parts, and a pattern matches the whole string.
+    That is narrower than the specification's reading, so a reply that fits it fits the schema as written too."""
+    if isinstance(schema, list):
+        return [closed(part, combined=combined) for part in schema]
     if not isinstance(schema, dict):
-        raise ValueError(f"{where or 'the schema'} is {shorten(schema, quoted=True)}, not a schema (an object)")
-    words, kind = SCHEMA_WORDS & schema.keys() - ({"additionalProperties"} if schema.get(
-        "additionalProperties") is True else set()), schema.get("type")  # true: anything, which is no limit
-
-    def only(*enforced: str) -> None:
-        if extra := sorted(words - set(enforced)):
-            hint = SCHEMA_HINTS.get(extra[0], "remove it, or check that part of the reply yourself")
-            raise ValueError(f"{where}{extra[0]} is not enforced by the grammar here; {hint}")
-
-    def inner(part: Any, key: str) -> None:
-        enforceable(part, root, f"{where}{key}.", seen)
-
-    def count(key: str) -> None:
-        if key in schema and not (type(schema[key]) is int and 0 <= schema[key] <= GRAMMAR_MAX_DEPTH):
-            raise ValueError(f"{where}{key} must be an integer in 0..{GRAMMAR_MAX_DEPTH} here")
-
-    if "$ref" in schema:
-        only("$ref")
-        ref = schema["$ref"]
-        if not isinstance(ref, str) or not ref.startswith("#"):
-            raise ValueError(f"{where}$ref must point inside the schema (#/...), got {shorten(ref, quoted=True)}")
-        if ref not in seen:
-            seen.add(ref)
-            target = root
-            for part in filter(None, ref[1:].split("/")):
-                key = part.replace("~1", "/").replace("~0", "~")
-                target = target[int(key) if isinstance(target, list) else key]
-            inner(target, "$ref")
-    elif "oneOf" in schema or "anyOf" in schema:
-        only("anyOf")
-        for index, part in enumerate(schema["anyOf"]):
-            inner(part, f"anyOf[{index}]")
-    elif isinstance(kind, list):
-        only("type")
-        for name in kind:
-            inner({"type": name}, "type")
-    elif "const" in schema or "enum" in schema:
-        only("const" if "const" in schema else "enum", "type")
-        for value in [schema["const"]] if "const" in schema else schema["enum"]:
-            if kind is not None and kind not in json_types(value):
-                raise ValueError(f"{where}type is {kind!r}, but {shorten(value, quoted=True)} is not")
-    elif kind in (None, "object") and ("properties" in schema or schema.get("additionalProperties", True) is not True):
-        only("type", "properties", "required", "additionalProperties")
-        for name, part in schema.get("properties", {}).items():
-            inner(part, f"properties.{name}")
-        if missing := [name for name in schema.get("required", []) if name not in schema.get("properties", {})]:
-            raise ValueError(f"{where}required names {shorten(missing[0], quoted=True)}, which properties lacks")
-        if isinstance(schema.get("additionalProperties"), dict):
-            inner(schema["additionalProperties"], "additionalProperties")
-    elif kind in (None, "array") and ("items" in schema or "prefixItems" in schema):
-        if isinstance(schema.get("items"), list) or "prefixItems" in schema and "items" in schema:
-            raise ValueError(f"{where}items: give prefixItems (a list) or items (one schema), not both or a list")
-        if schema.get("items") == {}:  # any value: the converter would stop on it
-            schema["items"] = {"type": ["object", "array", "string", "number", "boolean", "null"]}
-        only(*(["type", "prefixItems"] if "prefixItems" in schema else ["type", "items", "minItems", "maxItems"]))
-        parts = schema["prefixItems"] if "prefixItems" in schema else [schema["items"]]
-        if not isinstance(parts, list):
-            raise ValueError(f"{where}prefixItems must be a list of schemas")
-        for index, part in enumerate(parts):
-            inner(part, f"prefixItems[{index}]" if "prefixItems" in schema else "items")
-        count("minItems")
-        count("maxItems")
-    elif kind in (None, "string") and "pattern" in schema:
-        only("type", "pattern")
-        schema["pattern"] = safe_pattern(schema["pattern"], where)
-    elif kind in (None, "string") and schema.get("format") in ("uuid", "date", "time", "date-time"):
-        only("type", "format")
-    elif kind == "string":
-        only("type", "minLength", "maxLength")
-        count("minLength")
-        count("maxLength")
-    elif kind == "integer":
-        only("type", *INTEGER_BOUNDS)
-        low, high = integer_bounds(schema)
-        if low is not None and high is not None and low > high:
-            raise ValueError(f"{where}minimum and maximum leave no integer")
-    elif not words:  # no keyword that limits it: any value
-        schema["type"] = ["object", "array", "string", "number", "boolean", "null"]
-    else:
-        only("type")
-        if kind not in ("object", "number", "boolean", "null", "array"):
-            raise ValueError(f"{where}type must be one of object, array, string, number, integer, boolean, null")
+        return schema
+    schema = {key: value if key in SCHEMA_DATA else closed(value, combined=key == "allOf")
+              for key, value in schema.items()}
+    if isinstance(schema.get("pattern"), str):
+        schema["pattern"] = f"^(?:{schema['pattern']})$"
+    names, required = schema.get("properties"), schema.get("required", [])
+    if isinstance(names, dict) and not (combined or SCHEMA_OPEN & schema.keys()) and isinstance(required, list) \
+            and set(map(str, required)) <= names.keys():
+        schema["additionalProperties"] = False
+    return schema
 
 
-def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
-    """The least and greatest integers a schema's minimum, maximum and their exclusive forms allow (None: no end)."""
-    for key in INTEGER_BOUNDS & schema.keys():
-        if isinstance(schema[key], bool) or not isinstance(schema[key], (int, float)) or abs(schema[key]) >= 1e16:
-            raise ValueError(f"{key} must be a number of at most 16 digits")
-    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
-    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
-    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
-    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
-    return max(lows, default=None), min(highs, default=None)
+@functools.lru_cache(maxsize=2)
+def schema_tokenizer(vocab: llama_cpp.llama_vocab_p, end: int) -> llguidance.LLTokenizer:
+    """llguidance's view of a loaded vocabulary (about 0.2 s, once), ending at <|end|>; special tokens are no text."""
+    return llguidance.llamacpp.lltokenizer_from_vocab(vocab, eos_token=end)
 
 
-def naturals(low: int, high: int | None) -> str:
-    """GBNF for the integers low..high (>= 0; None: no end), written as JSON writes them (no leading zeros)."""
-    alternatives = []
-    for length in range(len(str(low)), len(str(high)) + 1 if high is not None else 17):
-        least = max(low, 10 ** (length - 1) if length > 1 else 0)
-        if high is None and least == 10 ** (length - 1) and length > 1:  # every longer number, up to 16 digits
-            alternatives.append(f"[1-9] [0-9]{{{length - 1},15}}")
-            break
-        alternatives.append(digits_between(str(least), str(min(high, 10**length - 1) if high is not None else
-                                                            10**length - 1)))
-    return f"({' | '.join(alternatives)})"
+def not_json(word: str) -> NoReturn:
+    raise ValueError(f"{word} is not JSON")
 
 
-def digits_between(low: str, high: str) -> str:
-    """GBNF for the digit strings of one length from low to high."""
-    if low == high:
-        return f'"{low}"'
-    if low[0] == high[0]:
-        return f'"{low[0]}" {digits_between(low[1:], high[1:])}'
-    rest = len(low) - 1
-    alternatives = [f'"{low[0]}" {digits_between(low[1:], "9" * rest)}' if rest else f'"{low[0]}"']
-    if int(low[0]) + 1 < int(high[0]):
-        alternatives.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}]" + " [0-9]" * rest)
-    alternatives.append(f'"{high[0]}" {digits_between("0" * rest, high[1:])}' if rest else f'"{high[0]}"')
-    return f"({' | '.join(alternatives)})"
+def finite(text: str) -> float:
+    if not math.isfinite(number := float(text)):
+        raise ValueError(f"{text} is beyond a double's range")
+    return number
 
 
-def safe_pattern(pattern: Any, where: str) -> str:
-    """A pattern the converter translates into text that is also a valid JSON string: anchored whole, as the converter
-    needs (a subset of what the unanchored pattern matches); refused where it could write a quote, a backslash or a
-    control character, or uses what the converter does not translate (a dot, [^...], a class shorthand, (?...))."""
-    if not isinstance(pattern, str):
-        raise ValueError(f"{where}pattern must be text")
-    body = pattern.removeprefix("^")
-    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
-    body = re.sub(r"(?<!\\)\(\?:", "(", body)  # a group that captures nothing matches as one that does
-    for token in re.findall(r'\\.|\[\^|\(\?|[."\x00-\x1f\x7f]', body):
-        if not token.startswith("\\") or token[1] not in "[](){}|+*?.^$/d-":
-            raise ValueError(f"{where}pattern uses {token!r}, which the grammar cannot enforce inside a JSON string; "
-                             "write the characters it allows out, as in [a-z0-9]")
-    if any(int(count) > GRAMMAR_MAX_DEPTH for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", body) for count in pair
-           if count):
-        raise ValueError(f"{where}pattern repeats something more than {GRAMMAR_MAX_DEPTH} times")
-    for group in re.findall(r"\[(?:\\.|[^]\\])*\]", body):
-        if any(re.fullmatch(group, c) for c in '"\\' + "".join(map(chr, range(32)))):
-            raise ValueError(f"{where}pattern's {group} allows '\"', '\\' or a control character, which the grammar "
-                             "cannot enforce inside a JSON string")
-    return f"^({body})$"
+def one_line(text: str) -> str:
+    return " ".join(text.split())[:500] or "no reason given"
 
 
-def json_types(value: Any) -> set[str]:
-    """The JSON Schema types a JSON value has (an integer is a number too)."""
-    if isinstance(value, bool):
-        return {"boolean"}
-    if isinstance(value, int):
-        return {"integer", "number"}
-    return {float: {"number"}, str: {"string"}, type(None): {"null"}, list: {"array"}, dict: {"object"}}[type(value)]
+def read_text(path: str, *, limit: int) -> str:
+    """A file a setting names, read again when it changed (a pipe, <(...), only once: its text is then gone)."""
+    info = os.stat(path)
+    return read_file(path, (info.st_ino, *([info.st_mtime_ns, info.st_size] if stat.S_ISREG(info.st_mode) else [])),
+                     limit)
 
 
-def sample(ctx: llama_cpp.llama_context_p, *, sampler: llama_cpp.llama_sampler_p,
-           grammar: llama_cpp.llama_sampler_p | None, banned: set[int], index: int = -1) -> int | None:
-    """The next token from the logits of the batch's token `index`. With a grammar, as llama.cpp's own sampling loop
-    (common/sampling.cpp): the chain draws, the grammar checks that token alone, and only if it refuses it is the draw
-    made again with the grammar applied to every token first (the costly step). The penalty sees the token once.
-    `banned` tokens (hidden special tokens, whose text a grammar would read as "<|...|>") are never drawn under a
-    grammar; None where the grammar allows no token at all: llama.cpp would throw, and end the process, on any."""
-    if grammar is None:
-        return llama_cpp.llama_sampler_sample(sampler, ctx, index)  # llama.cpp draws and accepts in one call
-    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx)))
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
-    token = draw([sampler], np.arange(n_vocab), logits)
-    if token in banned or draw([grammar], np.array([token]), np.zeros(1)) is None:  # refused
-        allowed = logits.copy()
-        allowed[list(banned)] = -np.inf
-        if (token := draw([grammar, sampler], np.arange(n_vocab), allowed)) is None:
+@functools.lru_cache(maxsize=4)
+def read_file(path: str, stamp: tuple[int, ...], limit: int) -> str:
+    """A file (a regular file or a pipe) no longer than `limit`, as UTF-8; a BOM is no text."""
+    return read_bounded(Path(path), limit=limit, pipes=True).decode("utf-8").lstrip("\ufeff")
+
+
+def sample(ctx: llama_cpp.llama_context_p, reply: Reply, index: int = -1) -> int | None:
+    """The next token from the logits of the batch's token `index`. Under a schema or grammar, as llama.cpp's own
+    sampling loop (common/sampling.cpp): the chain draws, the constraint checks that token alone, and only if it
+    refuses it is the draw made again with every refused token masked first (the costly step). The penalty sees the
+    token once. Tokens whose printed text differs from what the constraint reads (special tokens, [PAD...]) are
+    never drawn under one; None where it allows no token at all: llama.cpp would throw, and end the process."""
+    if reply.constraint is None:
+        return llama_cpp.llama_sampler_sample(reply.sampler, ctx, index)  # llama.cpp draws and accepts in one call
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(len(reply.unprintable),))
+    token = draw(reply.sampler, logits)
+    if reply.unprintable[token] or not reply.constraint.allows(token):  # refused
+        allowed = np.where(reply.unprintable, -np.inf, logits).astype(np.float32)
+        reply.constraint.mask(allowed)
+        if np.isneginf(allowed).all():
             return None
-    llama_cpp.llama_sampler_accept(grammar, token)
-    llama_cpp.llama_sampler_accept(sampler, token)
+        token = draw(reply.sampler, allowed)
+    reply.constraint.accept(token)
+    llama_cpp.llama_sampler_accept(reply.sampler, token)
     return token
 
 
-def draw(samplers: list[llama_cpp.llama_sampler_p], ids: np.ndarray, logits: np.ndarray) -> int | None:
-    """Samplers applied in turn to tokens and their logits, as llama_sampler_sample applies its chain: the token they
-    selected (the first if none did), or None if the first (a grammar, which changes logits in place) left none."""
-    data = np.empty(len(ids), dtype=TOKEN_DATA)
-    data["id"], data["logit"], data["p"] = ids, logits, 0.0
+def draw(sampler: llama_cpp.llama_sampler_p, logits: np.ndarray) -> int:
+    """The sampler chain applied to every token's logit, as llama_sampler_sample applies it: the token it selected."""
+    data = np.empty(len(logits), dtype=TOKEN_DATA)
+    data["id"], data["logit"], data["p"] = np.arange(len(logits)), logits, 0.0
     array = llama_cpp.llama_token_data_array(data.ctypes.data_as(llama_cpp.llama_token_data_p), len(data), -1, False)
-    for sampler in samplers:
-        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
-        if sampler is samplers[0] and np.isneginf(data["logit"]).all():
-            return None
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
     return array.data[max(array.selected, 0)].id
 
 
-def grammar_complete(grammar: llama_cpp.llama_sampler_p, vocab: llama_cpp.llama_vocab_p) -> bool:
-    """Is what the grammar has accepted complete? It allows the end of generation only then: asking it whether it would
-    now is the test, however the reply ended (at the end, at a length, or, being then cut, at a stop string)."""
-    return draw([grammar], np.array([llama_cpp.llama_vocab_eos(vocab)]), np.zeros(1)) is not None
+@functools.lru_cache(maxsize=2)
+def unprintable(vocab: llama_cpp.llama_vocab_p, hidden: frozenset[int], stops: frozenset[int]) -> np.ndarray:
+    """For each token, whether what the reply prints for it differs from what a grammar reads: special tokens (the
+    reply hides them; a grammar reads "<|user|>") and any llama.cpp prints as nothing (Phi-3's [PAD32011])."""
+    return np.array([token not in stops and (token in hidden or token_bytes(vocab, token) != token_bytes(
+        vocab, token, special=True)) for token in range(llama_cpp.llama_vocab_n_tokens(vocab))])
 
 
 def incomplete(reply: Reply) -> str | None:
-    """Why the reply ended before its grammar was complete, and what to do; None if it was complete, had no grammar,
-    or the user stopped it. A stop string always cuts a grammar's text short."""
-    if reply.grammar is None or reply.finish == "stopped":
+    """Why the reply ended before its schema or grammar was complete, and what to do; None if it was complete, had
+    none, or the user stopped it. A stop string always cuts a grammar's text short."""
+    if reply.constraint is None or reply.finish == "stopped":
         return None
     if reply.finish == "stop":
         why = "a stop string ended it before its grammar was complete; remove the stop strings its text can hold"
     elif reply.finish == "grammar":
-        why = ("the grammar allows no token after it, so it can never be complete; no reply holds a NUL, a special "
-               "token or an unknown id")
-    elif grammar_complete(reply.grammar, reply.vocab):
+        why = f"it can never be complete: {reply.constraint.stuck()}"
+    elif reply.constraint.complete():
         return None
     else:
         more = "--sample-len" if reply.room == reply.asked else "--ctx (or shorten the prompt)"

@@ -177,16 +177,22 @@ def console(*args: str, hub: Hub | None, home: Path, env: dict[str, str] | None 
     environment = environment_for(hub, home)
     environment.update(env or {})
     environment = {k: v for k, v in environment.items() if v is not None}
-    completed = subprocess.run([PYTHON, str(script), *args], input=stdin,
+    completed = subprocess.run([PYTHON, str(script), *one_thread(args)], input=stdin,
                                stdin=None if stdin is not None else subprocess.DEVNULL,
                                capture_output=True, env=environment, timeout=timeout,
                                preexec_fn=lambda: as_a_user(max_file_size=max_file_size))
     return Result(completed.returncode, completed.stdout, completed.stderr.decode("utf-8", "replace"))
 
 
+def one_thread(args: tuple[str, ...]) -> list[str]:
+    """A run's flags with `--threads 1` unless the test chose a count: tests run two scripts at once on two cores, and
+    threads that outnumber the cores spin in llama.cpp's barrier (a run took 12 s instead of 1)."""
+    return [*args, "--threads", "1"] if "--threads" not in args else list(args)
+
+
 def start(*args: str, hub: Hub | None, home: Path, stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
     """Start the real script in the background, as console() runs it, for tests that signal it mid-run."""
-    return subprocess.Popen([PYTHON, str(SCRIPT), *args], stdin=stdin, stdout=subprocess.PIPE,
+    return subprocess.Popen([PYTHON, str(SCRIPT), *one_thread(args)], stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=environment_for(hub, home), preexec_fn=as_a_user)
 
 

@@ -133,7 +133,7 @@ def test_another_model_file_evaluates_the_prompt_again(hub, home):
     assert other.stdout == fresh(hub, home, "why is the sky blue", model="three-layers.gguf")
 
 
-@pytest.mark.parametrize("changed", [{"sample_len": 400}, {"threads": 1}])
+@pytest.mark.parametrize("changed", [{"sample_len": 400}, {"threads": 2}])
 def test_another_context_size_or_thread_count_evaluates_the_prompt_again(hub, home, changed):
     # A completion's cache holds its prompt and reply, in llama.cpp's steps of 256 tokens: 13 + 12 tokens fit
     # in 256, 13 + 400 do not.
