@@ -82,12 +82,11 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.file_download import http_get, repo_folder_name
     from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars, tqdm as hub_tqdm
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import logging as hub_logging, validate_repo_id
     try:
         from huggingface_hub.utils import httpx as hub_httpx  # huggingface_hub 2.x's HTTP client (httpx2)
     except ImportError:  # huggingface_hub 1.x, the last for Python 3.9 (macOS's own python3), uses httpx itself
         import httpx as hub_httpx
-    from huggingface_hub.utils import logging as hub_logging
 except ImportError as missing:
     sys.exit(f"error: {missing.name} is not installed; run: pip install -r requirements.txt")
 except KeyboardInterrupt:  # Ctrl-C before the handler above was set
@@ -206,10 +205,9 @@ def note(message: str, *, quiet: bool) -> None:
 # --- Command line: settings from flags, checked before anything slow happens ------------------------------------------
 def parse_settings(argv: list[str] | None) -> argparse.Namespace:
     """One flag per setting, each defaulting to its constant; a bad value is refused, never clamped."""
-    parser = argparse.ArgumentParser(
-        description="Stream a completion from Phi-3-mini (llama.cpp on your CPU or GPU). "
-        "Only the completion goes to stdout; progress and speed go to stderr.",
-        epilog="Every default comes from the constants at the top of phi_console.py.")
+    parser = argparse.ArgumentParser(description="Stream a completion from Phi-3-mini (llama.cpp on your CPU or GPU). "
+                                     "Only the completion goes to stdout; progress and speed go to stderr.",
+                                     epilog="Every default comes from the constants at the top of phi_console.py.")
     parser.error = lambda message: fail(f"{message} (see --help)", code=2)  # one line, not usage + error
     for name, setting in SETTINGS.items():
         flags = ["-p", "--prompt"] if name == "prompt" else ["--" + name.replace("_", "-")]
@@ -305,8 +303,7 @@ def download(files: list[tuple[str, str, str]], *, quiet: bool) -> list[str]:
 # --- Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose ----------------------------------
 def repack_weights(setting: bool | None, *, gpu: bool) -> bool | None:
     """The setting (None: measured, in Weight layouts), but True on a GPU (llama.cpp's own), never with AMX."""
-    features = llama_cpp.llama_print_system_info()
-    if b"AMX_INT8 = 1" in features:
+    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         # ggml's AMX kernel (a default build has it) crashes on K-quant weights, which reach it only when repacked
         if setting:
             fail("--repack: this llama.cpp build has the AMX kernel, which crashes on K-quant weights; "
@@ -456,14 +453,12 @@ class Reply:
     def __init__(self, vocab: llama_cpp.llama_vocab_p, settings: dict[str, Any], *, specials: dict[str, int],
                  seed: int, room: int, window: list[int] | None = None) -> None:
         self.stop_ids, self.hidden = {specials[name] for name in STOP_TOKENS}, set(specials.values())
-        # first: a GrammarError leaves nothing to free
-        self.constraint = constraint(vocab, settings, end=specials["<|end|>"])
+        self.constraint = constraint(vocab, settings, end=specials["<|end|>"])  # first: a GrammarError frees nothing
         self.sampler = make_sampler(vocab, settings, seed=seed, window=window or [])
         self.stops, self.utf8 = StopStrings(settings["stop"]), codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.vocab, self.seed, self.room, self.asked = vocab, seed, room, settings["sample_len"]
         if self.constraint:  # never drawn under a grammar or schema, which would read text the reply never prints
-            self.unprintable = unprintable(vocab, frozenset(self.hidden - self.stop_ids),
-                                           frozenset(self.stop_ids))
+            self.unprintable = unprintable(vocab, frozenset(self.hidden - self.stop_ids), frozenset(self.stop_ids))
         self.tokens, self.stamps, self.text = [], [], []  # token ids, when each came, the text each added
         self.finish: str | None = None
 
@@ -507,22 +502,25 @@ def generate(ctx: llama_cpp.llama_context_p, reply: Reply) -> Iterator[str]:
                 fail("llama.cpp failed to evaluate a token")
 
 
+def write_out(data: bytes) -> None:
+    """Write to stdout at once. The only writer to it: run() tells a reply that could not be written by this frame."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
 @contextlib.contextmanager
 def reply_line() -> Iterator[None]:
     """The reply's line on stdout, ended however the reply ends: done, or stopped by Ctrl-C (its prompt too)."""
     try:
         yield
     finally:
-        sys.stdout.buffer.write(b"\n")
-        sys.stdout.buffer.flush()
+        write_out(b"\n")
 
 
 def show(pieces: Iterator[str]) -> None:
-    """Print the reply as it comes."""
     for piece in pieces:
         if piece:
-            sys.stdout.buffer.write(piece.encode("utf-8"))
-            sys.stdout.buffer.flush()
+            write_out(piece.encode("utf-8"))
 
 
 def complete(model: llama_cpp.llama_model_p, prompt_model: llama_cpp.llama_model_p, *, prompt: str,
@@ -594,16 +592,15 @@ def main(argv: list[str] | None = None) -> int:
             threads=context["threads"])
         check_model(model, specials, n_ctx=settings.ctx)
         sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}  # a saved state names its prompts' layout
-        model_identity = state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": prompts_repacked}
+        identity = state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": prompts_repacked}
         if settings.jobs:  # 4-6. for every prompt of a file, together
             return answer_all(model, settings.jobs, specials=specials, n_ctx=settings.ctx, context=context,
                               parallel=settings.parallel, seed=settings.seed, quiet=quiet)
         if chatting:  # 4-6. for every message
             return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
-                        identity=model_identity, load=settings.load, first=settings.prompt, quiet=quiet,
-                        verbose=verbose)
+                        identity=identity, load=settings.load, first=settings.prompt, quiet=quiet, verbose=verbose)
         return complete(model, prompt_model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
-                        sampling=sampling, identity=model_identity, prompt_cache_gb=settings.prompt_cache_gb,
+                        sampling=sampling, identity=identity, prompt_cache_gb=settings.prompt_cache_gb,
                         started=started, quiet=quiet, verbose=verbose)
 
 
@@ -639,7 +636,6 @@ def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, spli
         known[key] = {"prompt": prompt, "generation": generation, "tokens a second, prompt and generation":
                       {"as in the file": speeds[False], "repacked": speeds[True]}}
         with contextlib.suppress(OSError):  # unsaved, it is measured again next time
-            file.parent.mkdir(parents=True, exist_ok=True)
             write_whole(file, json.dumps(known, indent=1))
     prompt = prompt if split else generation
     for layout in set(models) - {prompt, generation}:
@@ -804,7 +800,6 @@ def remember_verified(blob: str) -> None:
     info = os.stat(blob)
     seen = {**read_json(DATA_DIR / "verified.json"), blob: [info.st_size, info.st_mtime_ns]}
     with contextlib.suppress(OSError):  # a read-only cache just means hashing again next time
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
         write_whole(DATA_DIR / "verified.json", json.dumps(seen))
 
 
@@ -945,8 +940,7 @@ def reusing_prompt(ctx: llama_cpp.llama_context_p, prefix: list[int], key: dict[
     try:
         yield restored
     finally:
-        evaluated = cached_tokens(ctx) >= len(prefix)
-        if limit and restored < len(prefix) and evaluated:  # also when Ctrl-C stopped the reply
+        if limit and restored < len(prefix) and cached_tokens(ctx) >= len(prefix):  # also when Ctrl-C stopped the reply
             save_prompt(ctx, prefix, key, folder=folder, limit=limit)
 
 
@@ -1432,6 +1426,9 @@ GROUPS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^]\\])*\]|#[^\n]*|([()])')  # 
 SCHEMA_SPACE = {"whitespace_pattern": " ?"}
 SCHEMA_STRICT = {"lenient": False, "coerce_one_of": False}  # every keyword enforced, or the schema refused
 SCHEMA_DATA = {"enum", "const", "default", "examples"}  # keywords whose values are JSON data, not schemas
+CALENDAR_DAY = (r"[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-"
+                r"(?:0[1-9]|1[0-9]|2[0-8]))|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)-02-29")
+CALENDAR_FORMATS = {"date": f"^(?:{CALENDAR_DAY})$", "date-time": f"^(?:{CALENDAR_DAY})[Tt].*$"}
 SCHEMA_OPEN = {"additionalProperties", "patternProperties", "unevaluatedProperties"}  # a schema's say on extra keys
 INCOMPLETE = 3  # exit status of a reply cut short before its grammar was complete, so that a script notices
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama.cpp's llama_token_data
@@ -1448,18 +1445,12 @@ class Grammar:
         self.sampler, self.vocab = sampler, vocab
 
     def allows(self, token: int) -> bool:
-        logits = np.zeros(1, dtype=np.float32)
-        self.mask(logits, ids=np.array([token]))
+        _, logits = apply_sampler(self.sampler, np.zeros(1, dtype=np.float32), ids=np.array([token]))
         return bool(logits[0] > -np.inf)
 
-    def mask(self, logits: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """Every token it refuses gets the logit -inf (all of the vocabulary, or just `ids`)."""
-        data = np.empty(len(logits), dtype=TOKEN_DATA)
-        data["id"], data["logit"], data["p"] = np.arange(len(logits)) if ids is None else ids, logits, 0.0
-        array = llama_cpp.llama_token_data_array(data.ctypes.data_as(llama_cpp.llama_token_data_p), len(data), -1,
-                                                 False)
-        llama_cpp.llama_sampler_apply(self.sampler, ctypes.byref(array))
-        logits[:] = data["logit"]
+    def mask(self, logits: np.ndarray) -> None:
+        """Every token it refuses gets the logit -inf."""
+        logits[:] = apply_sampler(self.sampler, logits)[1]
 
     def accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.sampler, token)
@@ -1590,8 +1581,12 @@ def closed(schema: Any, *, combined: bool = False) -> Any:
         return schema
     schema = {key: value if key in SCHEMA_DATA else closed(value, combined=key == "allOf")
               for key, value in schema.items()}
-    if isinstance(schema.get("pattern"), str):
-        schema["pattern"] = f"^(?:{schema['pattern']})$"
+    if isinstance(pattern := schema.get("pattern"), str):  # whole-string: its own ^ and $ at the ends add nothing
+        pattern = pattern.removeprefix("^")
+        pattern = pattern[:-1] if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
+        schema["pattern"] = f"^(?:{pattern})$"
+    if schema.get("format") in CALENDAR_FORMATS:  # llguidance's formats allow February 29th in every year
+        schema["allOf"] = [*schema.get("allOf", []), {"pattern": CALENDAR_FORMATS[schema["format"]]}]
     names, required = schema.get("properties"), schema.get("required", [])
     if isinstance(names, dict) and not (combined or SCHEMA_OPEN & schema.keys()) and isinstance(required, list) \
             and set(map(str, required)) <= names.keys():
@@ -1641,25 +1636,27 @@ def sample(ctx: llama_cpp.llama_context_p, reply: Reply, index: int = -1) -> int
     if reply.constraint is None:
         return llama_cpp.llama_sampler_sample(reply.sampler, ctx, index)  # llama.cpp draws and accepts in one call
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(len(reply.unprintable),))
-    token = draw(reply.sampler, logits)
+    token, _ = apply_sampler(reply.sampler, logits)
     if reply.unprintable[token] or not reply.constraint.allows(token):  # refused
         allowed = np.where(reply.unprintable, -np.inf, logits).astype(np.float32)
         reply.constraint.mask(allowed)
         if np.isneginf(allowed).all():
             return None
-        token = draw(reply.sampler, allowed)
+        token, _ = apply_sampler(reply.sampler, allowed)
     reply.constraint.accept(token)
     llama_cpp.llama_sampler_accept(reply.sampler, token)
     return token
 
 
-def draw(sampler: llama_cpp.llama_sampler_p, logits: np.ndarray) -> int:
-    """The sampler chain applied to every token's logit, as llama_sampler_sample applies it: the token it selected."""
+def apply_sampler(sampler: llama_cpp.llama_sampler_p, logits: np.ndarray,
+                  ids: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """A sampler applied to tokens' logits (every token's, or those of `ids`), as llama_sampler_sample applies it:
+    the token it selected (a chain's draw), and the logits as it left them (a grammar's refusals at -inf)."""
     data = np.empty(len(logits), dtype=TOKEN_DATA)
-    data["id"], data["logit"], data["p"] = np.arange(len(logits)), logits, 0.0
+    data["id"], data["logit"], data["p"] = np.arange(len(logits)) if ids is None else ids, logits, 0.0
     array = llama_cpp.llama_token_data_array(data.ctypes.data_as(llama_cpp.llama_token_data_p), len(data), -1, False)
     llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
-    return array.data[max(array.selected, 0)].id
+    return array.data[max(array.selected, 0)].id, data["logit"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -1810,7 +1807,7 @@ def answer_all(model: llama_cpp.llama_model_p, jobs: list[dict[str, Any]], *, sp
                     del running[index]
                     bar.update(1)
             while written in done:  # in order, each line as soon as it and every one before it are done
-                write_line(done.pop(written))
+                write_out(json.dumps(done.pop(written), ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
                 written += 1
     llama_cpp.llama_batch_free(batch)
     rate = speed(counts["generated"], time.perf_counter() - began)
@@ -1831,9 +1828,9 @@ def shared_start(job: dict[str, Any], others: Iterable[dict[str, Any]]) -> tuple
 
 
 def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Iterable[dict[str, Any]],
-         counts: collections.Counter) -> int:
+         counts: collections.Counter) -> None:
     """One llama_decode: the last token drawn of each sequence that generates, then prompt tokens of those that start,
-    up to BATCH; a prompt's last token in a step of its own, as the one-shot run evaluates it. Tokens fed."""
+    up to BATCH; a prompt's last token in a step of its own, as the one-shot run evaluates it."""
     memory, jobs, n = llama_cpp.llama_get_memory(ctx), list(jobs), 0
     for job in jobs:  # a start another prompt has evaluated by now is copied, not evaluated again
         if (source := job.get("copy")) and ("reply" not in source[0] or source[0]["n_past"] >= source[1]):
@@ -1866,7 +1863,6 @@ def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Ite
     raise_noted()  # after DECODE_ABORTED too: Ctrl-C stopped it
     if status != 0:
         fail("llama.cpp failed to evaluate a batch of prompts")
-    return n
 
 
 def answered(job: dict[str, Any], *, reply: Reply | None = None, error: str | None = None) -> dict[str, Any]:
@@ -1877,11 +1873,6 @@ def answered(job: dict[str, Any], *, reply: Reply | None = None, error: str | No
         line.update(reply="".join(reply.text), tokens=len(reply.tokens), finish=reply.finish)
         error = incomplete(reply)
     return {**line, "error": error} if error else line
-
-
-def write_line(line: dict[str, Any]) -> None:
-    sys.stdout.buffer.write(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
-    sys.stdout.buffer.flush()
 
 
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
@@ -2062,6 +2053,7 @@ def temporary_beside(path: Path) -> Iterator[Path]:
 
 def write_whole(path: Path, text: str) -> None:
     """Write a file whole or not at all: a crash or a full disk mid-write leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with temporary_beside(path) as partial:
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
@@ -2211,8 +2203,7 @@ def run() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as error:  # from the only writers to stdout, the reply could not be written: a full disk
-        writers = show.__code__, reply_line.__wrapped__.__code__, write_line.__code__  # type: ignore[attr-defined]
-        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code not in writers:
+        if list(traceback.walk_tb(error.__traceback__))[-1][0].f_code is not write_out.__code__:
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left unwritten goes nowhere
         fail(f"could not write the reply to stdout: {error.strerror or error}")

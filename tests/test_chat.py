@@ -468,9 +468,9 @@ def damage(record: dict, part: str) -> str:
     if part == "a window llama.cpp cannot allocate":
         record["settings"]["repeat_last_n"] = 2_000_000_000
         return "settings.repeat_last_n must be an integer in 0..65536 (got 2000000000)"
-    if part == "a schema the grammar cannot enforce":  # checked as the flag would be
+    if part == "a schema llguidance cannot enforce":  # checked as the flag would be
         record["settings"]["json_schema"] = '{"oneOf": [{"type": "integer"}, {"type": "number"}]}'
-        return "its settings: the JSON schema cannot be used: oneOf is not enforced"
+        return "its settings: the JSON schema cannot be used: oneOf is enforced only where"
     if part == "a token id that is a number but no integer":
         record["context"]["pending"][0] = 5.0
         return "context.pending[0] must be an integer (got 5.0)"
@@ -480,7 +480,7 @@ def damage(record: dict, part: str) -> str:
 
 @pytest.mark.parametrize("part", ["a token outside the vocabulary", "exchanges out of order", "a setting out of range",
                                   "a message that is not text", "an exchange beyond its tokens",
-                                  "a window llama.cpp cannot allocate", "a schema the grammar cannot enforce",
+                                  "a window llama.cpp cannot allocate", "a schema llguidance cannot enforce",
                                   "a token id that is a number but no integer"])
 def test_a_damaged_saved_conversation_is_refused_naming_the_field_and_value(hub, warm_home, tmp_path, part):
     path = tmp_path / "talk.json"
@@ -549,7 +549,7 @@ def test_a_full_context_keeps_the_exchange_that_carries_the_system_prompt(hub, w
 
 
 @pytest.mark.parametrize("part", ["missing", "not JSON", "exchanges out of order", "a setting out of range",
-                                  "a schema the grammar cannot enforce"])
+                                  "a schema llguidance cannot enforce"])
 def test_load_at_start_refuses_a_bad_file_before_the_model_is_downloaded_or_loaded(hub, warm_home, tmp_path, part):
     path = tmp_path / "talk.json"
     if part == "not JSON":
@@ -562,7 +562,7 @@ def test_load_at_start_refuses_a_bad_file_before_the_model_is_downloaded_or_load
     home = tmp_path / "empty"  # nothing cached and no hub: the run can only get as far as the settings
     line = the_error(console("--load", str(path), hub=None, home=home), code=2)
     assert line.startswith(f"error: --load: cannot load {path}")
-    if part == "a schema the grammar cannot enforce":
+    if part == "a schema llguidance cannot enforce":
         assert "its settings: the JSON schema cannot be used: oneOf" in line
     assert not (home / "hub").exists()
 
