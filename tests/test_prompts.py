@@ -102,7 +102,7 @@ def test_a_start_that_prompts_share_is_evaluated_once(hub, home, tmp_path):
     ('hello\n{"prompt": 5}\n', 'line 2 needs a "prompt" that is non-empty text'),
     ('{"prompt": "x", "temperature": -1}\n', "line 1: temperature must be"),
     ('{"prompt": "x"\n', "line 1 is not JSON"),
-    ('{"prompt": "x", "json_schema": "{\\"oneOf\\": []}"}\n', "line 1: the JSON schema cannot be used: oneOf"),
+    ('{"prompt": "x", "json_schema": "{\\"oneOf\\": []}"}\n', "line 1: the JSON schema cannot be used: Unsatisfiable"),
 ])
 def test_a_bad_file_is_one_line_naming_it_before_any_request(hub, tmp_path, content, said):
     path = tmp_path / "p.jsonl"
