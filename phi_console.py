@@ -33,7 +33,7 @@ Then the machinery that makes it robust and fast, each part entered by one call 
   Saved prompts         reusing_prompt(): a rerun restores its evaluated prompt instead of evaluating it again
   Chat                  chat(): a conversation kept in the KV cache; /save and /load (read_saved() checks --load)
   Answers               constraint(), sample(), StopStrings: replies that fit a schema or grammar, stop strings
-  Many prompts          answer_all(): --prompts, PARALLEL at a time as sequences of one batch
+  Many prompts          answer_all(): --prompts read as answered, PARALLEL at a time as sequences of one batch
   Helpers               Ctrl-C noted until it is safe to act, progress bars, files written whole, run()
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     import collections
     import contextlib
     import ctypes
+    import dataclasses
     import errno
     import functools
     import hashlib
@@ -237,7 +238,7 @@ def parse_settings(argv: list[str] | None) -> argparse.Namespace:
             fail(f"--load: {wrong}", code=2)
         settings.load["replaced"] = flags_over_saved(settings.load["settings"], given)
     check_grammar(None, vars(settings))  # parsed now: a GrammarError ends in run()
-    settings.jobs = read_prompts(settings) if settings.prompts is not None else None  # checked before the download
+    settings.prompts_file = open_prompts(settings) if settings.prompts is not None else None  # before anything slow
     return settings
 
 
@@ -339,8 +340,8 @@ def load_model(path: str, *, gpu_layers: int | None, repack: bool) -> llama_cpp.
     return model
 
 
-def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, gpu: bool,
-                sequences: int = 1) -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
+def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, gpu: bool, sequences: int = 1,
+                advice: str = "try a smaller --ctx") -> tuple[llama_cpp.llama_context_p, dict[str, Any]]:
     """A context of n_ctx tokens (for `sequences` at once, in one pool), and the settings of it that change the
     numbers it computes: the cache's size as llama.cpp made it (rounded up to 256), batches, threads, attention."""
     params = llama_cpp.llama_context_default_params()
@@ -355,7 +356,7 @@ def new_context(model: llama_cpp.llama_model_p, *, n_ctx: int, threads: int, gpu
     params.no_perf, params.n_seq_max, params.kv_unified = False, sequences, True
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
-        fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); try a smaller --ctx")
+        fail(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?); {advice}")
     return ctx, {"n_ctx": llama_cpp.llama_n_ctx(ctx), "batch": llama_cpp.llama_n_batch(ctx), "threads": threads,
                  "flash_attn": params.flash_attn_type}
 
@@ -523,32 +524,31 @@ def show(pieces: Iterator[str]) -> None:
             write_out(piece.encode("utf-8"))
 
 
-def complete(model: llama_cpp.llama_model_p, prompt_model: llama_cpp.llama_model_p, *, prompt: str,
-             specials: dict[str, int], n_ctx: int, context: dict[str, Any], sampling: dict[str, Any],
-             identity: dict[str, Any], prompt_cache_gb: float, started: float, quiet: bool, verbose: bool) -> int:
+def complete(run: Run, prompt_model: llama_cpp.llama_model_p, *, prompt: str, sampling: dict[str, Any],
+             prompt_cache_gb: float, started: float) -> int:
     """One reply to one prompt, streamed to stdout; load, prompt and generation speed, and the seed, on stderr."""
-    vocab = llama_cpp.llama_model_get_vocab(model)
+    vocab, specials = llama_cpp.llama_model_get_vocab(run.model), run.specials
     tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, prompt, specials, system=sampling["system"])
-    room = reply_room(len(tokens), n_ctx=n_ctx, sample_len=sampling["sample_len"], quiet=quiet,
-                      most=llama_cpp.llama_model_n_ctx_train(model))
+    room = reply_room(len(tokens), n_ctx=run.n_ctx, sample_len=sampling["sample_len"], quiet=run.quiet,
+                      most=llama_cpp.llama_model_n_ctx_train(run.model))
     loaded, restored = time.perf_counter(), 0
     with Reply(vocab, sampling, specials=specials, seed=draw_seed(sampling["seed"]), room=room) as reply:
-        ctx, key = new_context(model, n_ctx=min(n_ctx, len(tokens) + room), **context)  # no more than it needs
-        if verbose:
+        ctx, key = new_context(run.model, n_ctx=min(run.n_ctx, len(tokens) + room), **run.context)  # what it needs
+        if run.verbose:
             show_tokens(vocab, tokens)
         try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
             # restored or not: both runs then compute the same numbers, and give the same reply
-            with reusing_prompt(ctx, tokens[:-1], identity | key, folder=DATA_DIR / "prompts",
-                                limit=prompt_cache_gb * 1e9, quiet=quiet) as restored, reply_line():
+            with reusing_prompt(ctx, tokens[:-1], run.identity | key, folder=DATA_DIR / "prompts",
+                                limit=prompt_cache_gb * 1e9, quiet=run.quiet) as restored, reply_line():
                 # On the prompts' layout of the weights, where that is another; the penalty never sees the prompt
-                evaluate_on(prompt_model, ctx, tokens[restored:-1], context=context)
+                evaluate_on(prompt_model, ctx, tokens[restored:-1], context=run.context)
                 evaluate(ctx, tokens[-1:])
                 show(generate(ctx, reply))
         finally:  # also when Ctrl-C stopped it: the seed repeats the run
-            if verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
+            if run.verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
                 llama_cpp.llama_perf_context_print(ctx)
             note(report(load=loaded - started, prompt=len(tokens), restored=restored, asked=loaded,
-                        stamps=reply.stamps, seed=reply.seed), quiet=quiet)
+                        stamps=reply.stamps, seed=reply.seed), quiet=run.quiet)
         if why := incomplete(reply):  # a script notices a reply that does not fit
             sys.stderr.write(f"error: {why}\n")
             return INCOMPLETE
@@ -566,11 +566,22 @@ def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool, most: i
     return room
 
 
+class Run(NamedTuple):
+    """What every reply of a run shares, settled once by main() (or Answers) and passed whole."""
+    model: llama_cpp.llama_model_p  # the loaded model that generates
+    specials: dict[str, int]  # the chat tokens' ids, from tokenizer.json
+    n_ctx: int  # CTX: the tokens a prompt and its reply, or a whole chat, may fill
+    context: dict[str, Any]  # what new_context() makes contexts with: threads, gpu
+    identity: dict[str, Any]  # what a saved state must come from: the model file, llama.cpp, the layout
+    quiet: bool  # stderr shows errors only
+    verbose: bool  # llama.cpp's log and the prompt's tokens too
+
+
 # --- Main: settings -> download -> load -> prompt -> stream -> report -------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
-    chatting = settings.chat or settings.load is not None
-    prompt = None if chatting or settings.jobs else read_prompt(settings.prompt, n_ctx=settings.ctx)
+    chatting, many = settings.chat or settings.load is not None, settings.prompts is not None
+    prompt = None if chatting or many else read_prompt(settings.prompt, n_ctx=settings.ctx)
     quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
     context = dict(threads=settings.threads or physical_cores(),
                    gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
@@ -588,20 +599,20 @@ def main(argv: list[str] | None = None) -> int:
     with ctrl_c(at_once=False):  # 3. load, each phase on its faster layout. Ctrl-C now stops llama.cpp where safe
         started = time.perf_counter()
         model, prompt_model, prompts_repacked = load_layouts(  # split: a one-shot prompt may use the other layout
-            model_path, repack=repack, split=not (chatting or settings.jobs), gpu_layers=settings.gpu_layers,
+            model_path, repack=repack, split=not (chatting or many), gpu_layers=settings.gpu_layers,
             threads=context["threads"])
         check_model(model, specials, n_ctx=settings.ctx)
         sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}  # a saved state names its prompts' layout
-        identity = state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": prompts_repacked}
-        if settings.jobs:  # 4-6. for every prompt of a file, together
-            return answer_all(model, settings.jobs, specials=specials, n_ctx=settings.ctx, context=context,
-                              parallel=settings.parallel, seed=settings.seed, quiet=quiet)
+        run = Run(model, specials, settings.ctx, context, quiet=quiet, verbose=verbose,
+                  identity=state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": prompts_repacked})
+        if many:  # 4-6. for every prompt of a file, as it is read, PARALLEL at a time
+            seed = draw_seed(settings.seed)
+            return answer_all(run, read_jobs(settings.prompts_file, run, sampling, seed=seed),
+                              parallel=settings.parallel, seed=seed)
         if chatting:  # 4-6. for every message
-            return chat(model, specials=specials, n_ctx=settings.ctx, context=context, sampling=sampling,
-                        identity=identity, load=settings.load, first=settings.prompt, quiet=quiet, verbose=verbose)
-        return complete(model, prompt_model, prompt=prompt, specials=specials, n_ctx=settings.ctx, context=context,
-                        sampling=sampling, identity=identity, prompt_cache_gb=settings.prompt_cache_gb,
-                        started=started, quiet=quiet, verbose=verbose)
+            return chat(run, sampling=sampling, load=settings.load, first=settings.prompt)
+        return complete(run, prompt_model, prompt=prompt, sampling=sampling, prompt_cache_gb=settings.prompt_cache_gb,
+                        started=started)
 
 
 # --- Weight layouts (machinery): prompts and generation each on the layout of the weights measured faster here ------
@@ -1082,28 +1093,26 @@ COMMANDS = {  # what a chat understands, for /help; the settings /set takes are 
 }
 
 
-def chat(model: llama_cpp.llama_model_p, *, specials: dict[str, int], n_ctx: int, context: dict[str, Any],
-         sampling: dict[str, Any], identity: dict[str, Any], load: dict[str, Any] | None, first: str | None,
-         quiet: bool, verbose: bool) -> int:
+def chat(run: Run, *, sampling: dict[str, Any], load: dict[str, Any] | None, first: str | None) -> int:
     """Talk at `>>> ` until /bye or the end of input, replies on stdout; Ctrl-C stops a reply but never the chat.
     `first` (-p with --chat) is the first message, as if typed."""
-    ctx, key = new_context(model, n_ctx=n_ctx, **context)
-    talk = Conversation(ctx, specials=specials, n_ctx=n_ctx, settings=sampling, identity=identity | key, quiet=quiet,
-                        verbose=verbose)
+    ctx, key = new_context(run.model, n_ctx=run.n_ctx, **run.context)
+    talk = Conversation(ctx, run, settings=sampling, identity=run.identity | key)
     if load is not None:  # --load: checked before the model loaded, all but its tokens against the vocabulary
         try:
-            note(talk.load(load), quiet=quiet)
+            note(talk.load(load), quiet=run.quiet)
         except ValueError as wrong:
             fail(f"--load: {wrong}", code=2)
         if load["replaced"]:
-            note(f"note: the flags given replace the saved {load['replaced']}", quiet=quiet)
+            note(f"note: the flags given replace the saved {load['replaced']}", quiet=run.quiet)
     sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # bytes that are no UTF-8 never end it
     if interactive := sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing, history and bracketed paste for input())
     note(f"chatting with the model, seed {talk.settings['seed']}: /help lists commands, /bye or Ctrl-D leaves",
-         quiet=quiet)
-    for line in itertools.chain([first] if first else [], typed_messages(interactive, limit=n_ctx * TOKEN_MAX_BYTES)):
+         quiet=run.quiet)
+    typed = typed_messages(interactive, limit=run.n_ctx * TOKEN_MAX_BYTES)
+    for line in itertools.chain([first] if first else [], typed):
         if line == "/bye":
             return 0
         try:
@@ -1187,14 +1196,14 @@ class Conversation:
     """A chat's record and the KV cache that holds it, in agreement: position i of the cache holds tokens[i].
     exchanges[k] is where the k-th exchange (message and reply) starts; `pending` goes in with the next message."""
 
-    def __init__(self, ctx: llama_cpp.llama_context_p, *, specials: dict[str, int], n_ctx: int,
-                 settings: dict[str, Any], identity: dict[str, Any], quiet: bool, verbose: bool) -> None:
-        self.ctx, self.specials, self.n_ctx, self.settings = ctx, specials, n_ctx, settings
-        self.identity, self.quiet, self.verbose = identity, quiet, verbose
+    def __init__(self, ctx: llama_cpp.llama_context_p, run: Run, *, settings: dict[str, Any],
+                 identity: dict[str, Any]) -> None:
+        self.ctx, self.specials, self.n_ctx, self.settings = ctx, run.specials, run.n_ctx, settings
+        self.identity, self.quiet, self.verbose = identity, run.quiet, run.verbose
         self.stats = "no reply yet"
         self.vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
         self.memory = llama_cpp.llama_get_memory(ctx)
-        self.reply_end = [specials["<|end|>"]]  # the template's "\n" after it is dropped, as in user_turn
+        self.reply_end = [run.specials["<|end|>"]]  # the template's "\n" after it is dropped, as in user_turn
         self.reset()
 
     def reset(self) -> str:
@@ -1421,9 +1430,9 @@ GRAMMAR_MAX_BYTES = 2**20  # far more than any grammar; a longer file (or /dev/z
 SCHEMA_MAX_BYTES = 2**24  # real schemas run to megabytes (Kubernetes' own); a longer file is refused, not read whole
 GRAMMAR_MAX_DEPTH = 1000  # the most nested groups a grammar may have; llama.cpp's parser crashes on deeper ones
 GROUPS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^]\\])*\]|#[^\n]*|([()])')  # a grammar's parentheses, not in text
-# A reply to a schema is one line of JSON, a space at most between its tokens: a program reads it a line at a time,
-# and a model cannot drift into blank lines and spend its tokens there (any whitespace is valid JSON)
-SCHEMA_SPACE = {"whitespace_pattern": " ?"}
+# A reply to a schema is one line of JSON spaced as Python's json.dumps spaces it: a program reads it a line at a time,
+# and a model cannot drift into blank lines and spend its tokens there (any whitespace would be valid JSON)
+SCHEMA_SPACE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 SCHEMA_STRICT = {"lenient": False, "coerce_one_of": False}  # every keyword enforced, or the schema refused
 SCHEMA_DATA = {"enum", "const", "default", "examples"}  # keywords whose values are JSON data, not schemas
 CALENDAR_DAY = (r"[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-"
@@ -1719,144 +1728,238 @@ def read_texts(text: str) -> object:
     return [] if text.strip().lower() == "none" else [text]
 
 
-# --- Many prompts (machinery): one load, PARALLEL prompts at a time as sequences of one context ---------------------
-PROMPTS_MAX_BYTES = 2**28  # a prompts file larger than this (or /dev/zero) is refused, not read whole
+# --- Many prompts (machinery): PARALLEL prompts at a time as sequences of one context, read as they are answered -----
 SHARED_MIN = 16  # prompt tokens two prompts must share at their start before one copies the other's cache
+DONE_MAX = 256  # finished lines held back for an earlier one still generating; past this, no new line starts
+ANSWER_KEYS = ("reply", "tokens", "finish", "error")  # the run's keys on an output line, which no input line may carry
 
 
-def read_prompts(settings: argparse.Namespace) -> list[dict[str, Any]]:
-    """--prompts' file, checked whole before anything slow: each line a prompt, or a JSON object with a "prompt" and
-    any chat setting for it (its other keys come back on its output line); a fault is one line naming it, exit 2."""
+@dataclasses.dataclass
+class Job:
+    """One prompt of --prompts (a line) or of Answers (a row): what it asks and, while it runs, where it stands."""
+    line: int  # its line in the file, or its row
+    prompt: str | None  # None where the line could not be read
+    settings: dict[str, Any]  # every chat setting: its own over the run's
+    extra: dict[str, Any]  # its other keys, which come back on its answer
+    seed: int
+    error: str | None = None  # why it cannot be answered: it never runs
+    tokens: list[int] = dataclasses.field(default_factory=list)  # its prompt, as the model is fed it
+    room: int = 0  # the most tokens its reply may have
+    seq: int = 0  # its sequence in the context while it runs
+    n_past: int = 0  # how many of its tokens the cache holds
+    reply: Reply | None = None
+    at: int | None = None  # the batch index of its last token, whose logits the next draw reads
+    copy: tuple[Job, int] | None = None  # a running job whose evaluated start it copies, and that start's length
+
+
+def open_prompts(settings: argparse.Namespace) -> BinaryIO:
+    """--prompts' file (a pipe too), opened before anything slow: its lines are read as they are answered."""
     if settings.chat or settings.load is not None or settings.prompt is not None:
         fail("--prompts answers the prompts of its file: give it without --chat, --load or -p", code=2)
-    path, where = settings.prompts, "stdin" if settings.prompts == "-" else shorten(settings.prompts)
+    if settings.prompts == "-":
+        return sys.stdin.buffer
     try:
-        data = read_bounded(sys.stdin.buffer if path == "-" else Path(path), limit=PROMPTS_MAX_BYTES, what=where)
-    except (OSError, ValueError) as error:
-        fail(f"--prompts: cannot read {where}: {getattr(error, 'strerror', None) or error}", code=2)
-    jobs, checked = [], set()
-    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-        at = f"--prompts: {where} line {number}"
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line}
-        except (ValueError, RecursionError) as error:
-            fail(f"{at} is not JSON ({error})", code=2)
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-            fail(f'{at} needs a "prompt" that is non-empty text', code=2)
-        own = {name: item[name] for name in CHAT_SETTINGS if name in item}
-        for name, value in own.items():
-            if wrong := problem(name, value):
-                fail(f"{at}: {name} {wrong}", code=2)
-        merged = {**{name: getattr(settings, name) for name in CHAT_SETTINGS}, **own}
-        if (merged["json_schema"], merged["grammar"]) not in checked:  # one check for each schema or grammar
-            try:
-                check_grammar(None, merged)
-            except GrammarError as wrong:
-                fail(f"{at}: {wrong}", code=2)
-            checked.add((merged["json_schema"], merged["grammar"]))
-        extra = {key: value for key, value in item.items() if key != "prompt" and key not in own}
-        jobs.append({"line": number, "prompt": item["prompt"], "settings": merged, "extra": extra, "own": own})
-    if not jobs:
-        fail(f"--prompts: {where} holds no prompt", code=2)
-    return jobs
+        return open_regular(settings.prompts, pipes=True)
+    except OSError as error:
+        fail(f"--prompts: cannot read {shorten(settings.prompts)}: {error.strerror or error}", code=2)
 
 
-def answer_all(model: llama_cpp.llama_model_p, jobs: list[dict[str, Any]], *, specials: dict[str, int], n_ctx: int,
-               context: dict[str, Any], parallel: int, seed: int | None, quiet: bool) -> int:
-    """Every prompt of the file, up to `parallel` at a time as sequences of one context: each step is one
-    llama_decode with the next token of every sequence that generates and the prompt tokens of those that start; a
-    finished sequence's place goes to the next prompt at once. One JSON line a prompt on stdout, in their order."""
-    vocab, seed = llama_cpp.llama_model_get_vocab(model), draw_seed(seed)
-    for job in jobs:
-        job["tokens"] = tokenize(vocab, "", add_bos=True) + user_turn(vocab, job["prompt"], specials,
-                                                                          system=job["settings"]["system"])
-        own = job["own"].get("seed")  # its own, or the run's plus its line's number
-        job["seed"] = own if own is not None else reply_seed(seed, job["line"])
-    need = max(min(len(job["tokens"]) + job["settings"]["sample_len"], n_ctx) for job in jobs)
-    ctx, _ = new_context(model, n_ctx=need * parallel, sequences=parallel, **context)  # room for those in flight
-    llama_cpp.llama_set_abort_callback(ctx, ABORT, None)  # Ctrl-C stops a step between graph nodes
-    memory, batch = llama_cpp.llama_get_memory(ctx), llama_cpp.llama_batch_init(BATCH, 0, 1)
-    waiting, running, done = collections.deque(enumerate(jobs)), {}, {}
-    written, counts, began = 0, collections.Counter(), time.perf_counter()
-    with progress("prompts", total=len(jobs), unit="prompt") as bar:
-        while waiting or running:
-            while waiting and len(running) < parallel:  # a free sequence takes the next prompt
-                index, job = waiting.popleft()
-                if len(job["tokens"]) >= n_ctx:
-                    done[index] = answered(job, error=f"the prompt is {len(job['tokens'])} tokens and the context "
-                                           f"holds {n_ctx}; shorten it")
-                    counts["errors"] += 1
-                    continue
-                room = min(job["settings"]["sample_len"], n_ctx - len(job["tokens"]) + 1)
-                job.update(seq=min(set(range(parallel)) - {other["seq"] for other in running.values()}), n_past=0,
-                           reply=Reply(vocab, job["settings"], specials=specials, seed=job["seed"], room=room))
-                job["copy"] = shared_start(job, running.values())  # a start another prompt evaluates: copied
-                running[index] = job
-            step(ctx, batch, running.values(), counts)
-            for index, job in list(running.items()):
-                if job.get("at") is not None:
-                    job["reply"].next(ctx, job.pop("at"))
-                if job["reply"].finish:  # its place goes to the next prompt
-                    llama_cpp.llama_memory_seq_rm(memory, job["seq"], -1, -1)
-                    with job.pop("reply") as reply:
-                        done[index] = answered(job, reply=reply)
-                    counts["incomplete"] += "error" in done[index]
-                    counts["generated"] += len(reply.tokens)
-                    del running[index]
-                    bar.update(1)
-            while written in done:  # in order, each line as soon as it and every one before it are done
-                write_out(json.dumps(done.pop(written), ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
-                written += 1
-    llama_cpp.llama_batch_free(batch)
-    rate = speed(counts["generated"], time.perf_counter() - began)
-    note(f"answered {len(jobs)} prompts | prompt tokens: {counts['evaluated']} evaluated, {counts['shared']} shared | "
-         f"generated: {counts['generated']} tokens, {rate} | seed {seed}", quiet=quiet)
+def read_jobs(source: BinaryIO, run: Run, defaults: dict[str, Any], *, seed: int) -> Iterator[Job]:
+    """Each line that is not blank, as a Job, read and checked when a sequence is free for it: a prompt, or a JSON
+    object with a "prompt" and any chat setting. What is wrong with a line is that line's error; the others go on.
+    Lines end at \\n only (and \\r\\n); a BOM opens the file; a line longer than the context could hold is not kept."""
+    limit = run.n_ctx * TOKEN_MAX_BYTES + GRAMMAR_MAX_BYTES  # a prompt the context holds, and settings beside it
+    for number in itertools.count(1):
+        with ctrl_c(at_once=True):  # a pipe may keep it waiting for its next line
+            data = rest = source.readline(limit + 1)
+            while len(data) > limit and rest[-1:] not in (b"\n", b""):  # the rest of a line too long to keep
+                rest = source.readline(2**20)
+        if not data:
+            return
+        text = data.decode("utf-8", "replace").removeprefix("\ufeff" if number == 1 else "").rstrip("\r\n")
+        if len(data) > limit:
+            yield Job(number, None, defaults, {}, reply_seed(seed, number), error=f"line {number} is longer than the "
+                      f"{run.n_ctx} tokens of context could hold; shorten it or raise --ctx")
+        elif text.strip():
+            yield new_job(number, text, run, defaults, seed=seed)
+
+
+def new_job(number: int, text: str, run: Run, defaults: dict[str, Any], *, seed: int) -> Job:
+    """A line as a Job: its prompt, settings, seed (its own, or the run's plus its number) and tokens, or its error."""
+    try:
+        item = json.loads(text) if text.lstrip().startswith("{") else {"prompt": text}
+    except (ValueError, RecursionError) as error:
+        return Job(number, None, defaults, {}, reply_seed(seed, number), error=f"line {number} is not JSON ({error})")
+    item = item if isinstance(item, dict) else {}
+    own = {name: normal(name, item[name]) for name in CHAT_SETTINGS if name in item}
+    extra = {key: value for key, value in item.items() if key not in ("prompt", *own, *ANSWER_KEYS)}
+    own_seed = own.get("seed")
+    job = Job(number, item.get("prompt"), {**defaults, **own}, extra,
+              own_seed if type(own_seed) is int else reply_seed(seed, number))
+    job.error = job_problem(job, item, run)
+    if job.error and isinstance(job.prompt, str) and len(job.prompt) > SHOWN_CHARS:
+        job.prompt = shorten(job.prompt)  # an answer never echoes whole a prompt too long to answer
+    return job
+
+
+def normal(name: str, value: Any) -> Any:
+    """A setting as JSON gives it, in the type a flag would: a schema as an object is its text, a stop one text."""
+    if name == "json_schema" and isinstance(value, (dict, bool)):
+        return json.dumps(value)
+    if name == "stop" and (value is None or isinstance(value, str)):
+        return [] if value is None else [value]
+    return value
+
+
+def job_problem(job: Job, item: dict[str, Any], run: Run) -> str | None:
+    """Why a job cannot be answered, checked as a flag's value is, its schema or grammar against the vocabulary, and
+    its prompt against the context; None if it can, with its tokens and room set."""
+    if not isinstance(job.prompt, str) or not job.prompt.strip():
+        return f'line {job.line} needs a "prompt" that is non-empty text'
+    if taken := [key for key in ANSWER_KEYS if key in item]:
+        return f"line {job.line} has {taken[0]!r}, a key of the answer; rename it"
+    for name in [name for name in CHAT_SETTINGS if name in item]:
+        if wrong := problem(name, job.settings[name]):
+            return f"line {job.line}: {name} {wrong}"
+    if len(job.prompt.encode("utf-8", "replace")) > run.n_ctx * TOKEN_MAX_BYTES:  # refused before it is tokenized
+        return f"line {job.line}'s prompt is longer than the {run.n_ctx} tokens of context could hold; shorten it"
+    vocab = llama_cpp.llama_model_get_vocab(run.model)
+    try:
+        check_grammar(vocab, job.settings, end=run.specials["<|end|>"])
+    except GrammarError as wrong:
+        return f"line {job.line}: {wrong}"
+    job.tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, job.prompt, run.specials,
+                                                               system=job.settings["system"])
+    if len(job.tokens) >= run.n_ctx:
+        most = llama_cpp.llama_model_n_ctx_train(run.model)
+        larger = f" or raise --ctx (to at most {most})" if run.n_ctx < most else ""
+        return f"the prompt is {len(job.tokens)} tokens and the context holds {run.n_ctx}; shorten it{larger}"
+    job.room = min(job.settings["sample_len"], run.n_ctx - len(job.tokens) + 1)
+    return None
+
+
+def answer_all(run: Run, jobs: Iterator[Job], *, parallel: int, seed: int) -> int:
+    """--prompts: one JSON line on stdout for each prompt of the file, in its order, as soon as it and every one before
+    it are answered; the count, speed and seed on stderr, the seed also when Ctrl-C ends the run."""
+    counts, began = collections.Counter(), time.perf_counter()
+    try:
+        with progress("prompts", total=None, unit="prompt") as bar:
+            for line in answers(run, jobs, parallel=parallel, counts=counts):
+                write_out(json.dumps(line, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n")
+                bar.update()
+        if not counts["answered"]:
+            fail("--prompts: the file holds no prompt", code=2)
+    finally:
+        rate = speed(counts["generated"], time.perf_counter() - began)
+        note(f"answered {counts['answered']} prompts | prompt tokens: {counts['evaluated']} evaluated, "
+             f"{counts['shared']} shared | generated: {counts['generated']} tokens, {rate} | seed {seed}",
+             quiet=run.quiet)
     return 1 if counts["errors"] else INCOMPLETE if counts["incomplete"] else 0
 
 
-def shared_start(job: dict[str, Any], others: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], int] | None:
-    """The running prompt whose tokens share the longest start with this one's (SHARED_MIN at least; never its last
+def answers(run: Run, jobs: Iterable[Job], *, parallel: int, counts: collections.Counter) -> Iterator[dict[str, Any]]:
+    """Each job's answer, in the jobs' order, up to `parallel` at a time as sequences of one context: each step is one
+    llama_decode with the next token of every sequence that generates and the prompt tokens of those that start, and
+    a finished sequence's place goes to the next job at once. Jobs are taken as places free up, so memory holds what
+    is in flight; the context holds what the jobs in flight can need, made anew (when idle) for one that needs more."""
+    jobs, vocab = iter(jobs), llama_cpp.llama_model_get_vocab(run.model)
+    first = list(itertools.islice(jobs, parallel))  # the first jobs size the context
+    pool, ctx = sum(len(job.tokens) + job.room for job in first if not job.error), None
+    waiting = itertools.chain(enumerate(first), zip(itertools.count(len(first)), jobs))
+    running: dict[int, Job] = {}
+    done: dict[int, dict[str, Any]] = {}
+    held, written, exhausted, batch = None, 0, False, llama_cpp.llama_batch_init(BATCH, 0, 1)
+    try:
+        while running or held or not exhausted:
+            while len(running) < parallel and len(done) < DONE_MAX:  # a free sequence takes the next job
+                index, job = held or next(waiting, (None, None))
+                held, exhausted = None, job is None
+                if job is None:
+                    break
+                if job.error:
+                    done[index] = answered(job, error=job.error)
+                    continue
+                need = len(job.tokens) + job.room
+                if ctx is None or need > pool - sum(len(other.tokens) + other.room for other in running.values()):
+                    if running:  # it waits for the room those in flight will leave
+                        held = index, job
+                        break
+                    if ctx is not None:
+                        llama_cpp.llama_free(ctx)
+                    pool = max(pool, need)
+                    ctx, _ = new_context(run.model, n_ctx=pool, sequences=parallel, **run.context,
+                                         advice=f"lower --parallel ({parallel}), --sample-len or --ctx ({run.n_ctx})")
+                    llama_cpp.llama_set_abort_callback(ctx, ABORT, None)  # Ctrl-C stops a step between graph nodes
+                job.seq = min(set(range(parallel)) - {other.seq for other in running.values()})
+                job.reply = Reply(vocab, job.settings, specials=run.specials, seed=job.seed, room=job.room)
+                job.copy = shared_start(job, running.values())  # a start another prompt evaluates: copied
+                running[index] = job
+            if running:
+                step(ctx, batch, running.values(), counts)
+            for index, job in list(running.items()):
+                if job.at is not None:
+                    job.reply.next(ctx, job.at)
+                if job.reply.finish:  # its place goes to the next job
+                    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), job.seq, -1, -1)
+                    with job.reply as reply:
+                        done[index] = answered(job, reply=reply)
+                    counts["generated"] += len(reply.tokens)
+                    del running[index]
+            while written in done:  # in order, each answer as soon as it and every one before it are done
+                line = done.pop(written)
+                counts.update(answered=1, errors="error" in line and "reply" not in line,
+                              incomplete="error" in line and "reply" in line)
+                yield line
+                written += 1
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        for job in running.values():
+            job.reply.__exit__()
+        if ctx is not None:
+            llama_cpp.llama_free(ctx)
+
+
+def shared_start(job: Job, others: Iterable[Job]) -> tuple[Job, int] | None:
+    """The running job whose tokens share the longest start with this one's (SHARED_MIN at least; never its last
     token, evaluated for its logits), and how long that start is: its cache is copied once evaluated."""
-    best: tuple[dict[str, Any], int] | None = None
+    best: tuple[Job, int] | None = None
     for other in others:
-        length = len(os.path.commonprefix([other["tokens"][:-1], job["tokens"][:-1]]))
+        length = len(os.path.commonprefix([other.tokens[:-1], job.tokens[:-1]]))
         if length >= max(SHARED_MIN, best[1] + 1 if best else 0):
             best = other, length
     return best
 
 
-def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Iterable[dict[str, Any]],
+def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Iterable[Job],
          counts: collections.Counter) -> None:
     """One llama_decode: the last token drawn of each sequence that generates, then prompt tokens of those that start,
     up to BATCH; a prompt's last token in a step of its own, as the one-shot run evaluates it."""
     memory, jobs, n = llama_cpp.llama_get_memory(ctx), list(jobs), 0
     for job in jobs:  # a start another prompt has evaluated by now is copied, not evaluated again
-        if (source := job.get("copy")) and ("reply" not in source[0] or source[0]["n_past"] >= source[1]):
-            if "reply" in source[0]:  # else it ended before: this prompt evaluates its start itself
-                llama_cpp.llama_memory_seq_cp(memory, source[0]["seq"], job["seq"], 0, source[1])
-                job["n_past"], counts["shared"] = source[1], counts["shared"] + source[1]
-            job["copy"] = None
+        if (source := job.copy) and (source[0].reply is None or source[0].n_past >= source[1]):
+            if source[0].reply is not None:  # else it ended before: this prompt evaluates its start itself
+                llama_cpp.llama_memory_seq_cp(memory, source[0].seq, job.seq, 0, source[1])
+                job.n_past, counts["shared"] = source[1], counts["shared"] + source[1]
+            job.copy = None
 
-    def add(token: int, job: dict[str, Any], logits: bool) -> None:
+    def add(token: int, job: Job, logits: bool) -> None:
         nonlocal n
-        batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, job["n_past"], 1, logits
-        batch.seq_id[n][0] = job["seq"]
-        job["n_past"] += 1
-        job["at"] = n if logits else None
+        batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, job.n_past, 1, logits
+        batch.seq_id[n][0] = job.seq
+        job.n_past += 1
+        job.at = n if logits else None
         n += 1
 
     for job in jobs:
-        if job["reply"].tokens:  # generating: its last token goes in, and its logits are the next draw's
-            add(job["reply"].tokens[-1], job, True)
+        if job.reply.tokens:  # generating: its last token goes in, and its logits are the next draw's
+            add(job.reply.tokens[-1], job, True)
     for job in jobs:
-        last = len(job["tokens"]) - 1
-        if job["reply"].tokens or job["copy"] or n == BATCH:
+        last = len(job.tokens) - 1
+        if job.reply.tokens or job.copy or n == BATCH:
             continue
-        chunk = [last] if job["n_past"] == last else range(job["n_past"], min(last, job["n_past"] + BATCH - n))
+        chunk = [last] if job.n_past == last else range(job.n_past, min(last, job.n_past + BATCH - n))
         for position in chunk:  # the last token alone, with its logits
-            add(job["tokens"][position], job, position == last)
+            add(job.tokens[position], job, position == last)
             counts["evaluated"] += 1
     batch.n_tokens = n
     status = llama_cpp.llama_decode(ctx, batch) if n else 0
@@ -1865,10 +1968,10 @@ def step(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch, jobs: Ite
         fail("llama.cpp failed to evaluate a batch of prompts")
 
 
-def answered(job: dict[str, Any], *, reply: Reply | None = None, error: str | None = None) -> dict[str, Any]:
-    """A prompt's line: its own keys, the prompt, the reply as a one-shot run prints it, the seed, the tokens
+def answered(job: Job, *, reply: Reply | None = None, error: str | None = None) -> dict[str, Any]:
+    """A prompt's answer: its own keys, the prompt, the reply as a one-shot run prints it, the seed, the tokens
     generated and why the reply ended, and what went wrong, if anything."""
-    line = {**job["extra"], "prompt": job["prompt"], "seed": job["seed"]}
+    line = {**job.extra, "prompt": job.prompt, "seed": job.seed}
     if reply is not None:
         line.update(reply="".join(reply.text), tokens=len(reply.tokens), finish=reply.finish)
         error = incomplete(reply)

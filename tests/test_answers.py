@@ -232,7 +232,7 @@ LLAMA_CPP_REFUSED = {  # what llguidance cannot enforce among them: the exact se
     "array with empty items and prefixItems": "prefixItems must be an array",
     "unsupported regexp in a property": "look-around",
 }
-SEEDS = 8  # seeds tried, two at a time, until one reply finishes
+SEEDS = 16  # seeds tried, two at a time, until one reply finishes
 # Schemas written to catch a converter out, each refused with its reason or answered with a reply that fits
 HOSTILE = {
     "a $ref named like a rule": {"$defs": {"space": {"type": "integer"}}, "type": "object",

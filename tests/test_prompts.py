@@ -33,7 +33,7 @@ def many(hub, home, path, *args: str, **settings):
 
 def lines_of(result) -> list[dict]:
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+    return [json.loads(line) for line in result.stdout.decode().split("\n")[:-1]]  # JSON lines end at \n only
 
 
 def test_a_plain_file_gets_one_json_line_per_prompt_in_its_order(hub, home, tmp_path):
@@ -97,20 +97,73 @@ def test_a_start_that_prompts_share_is_evaluated_once(hub, home, tmp_path):
     assert len(lines_of(result)) == 4
 
 
-@pytest.mark.parametrize("content,said", [
-    (None, "cannot read"), ("", "holds no prompt"), ("\n  \n", "holds no prompt"),
-    ('hello\n{"prompt": 5}\n', 'line 2 needs a "prompt" that is non-empty text'),
-    ('{"prompt": "x", "temperature": -1}\n', "line 1: temperature must be"),
-    ('{"prompt": "x"\n', "line 1 is not JSON"),
-    ('{"prompt": "x", "json_schema": "{\\"oneOf\\": []}"}\n', "line 1: the JSON schema cannot be used: Unsatisfiable"),
-])
-def test_a_bad_file_is_one_line_naming_it_before_any_request(hub, tmp_path, content, said):
-    path = tmp_path / "p.jsonl"
-    if content is not None:
-        path.write_text(content)
-    line = the_error(console(*RANDOM_MODEL, "--prompts", str(path), hub=hub, home=tmp_path / "home"), code=2)
-    assert said in line and line.startswith("error: --prompts: ")
+@pytest.mark.parametrize("name", ["missing.txt", "."])
+def test_a_file_that_cannot_be_read_is_one_line_before_any_request(hub, tmp_path, name):
+    line = the_error(console(*RANDOM_MODEL, "--prompts", str(tmp_path / name), hub=hub, home=tmp_path / "home"), code=2)
+    assert line.startswith("error: --prompts: cannot read") and "\n" not in line.strip()
     assert hub.requests == []
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_a_file_without_a_prompt_says_so(hub, home, tmp_path, content):
+    (tmp_path / "p.txt").write_text(content)
+    assert "holds no prompt" in the_error(many(hub, home, tmp_path / "p.txt"), code=2)
+
+
+BAD_LINES = {  # a line, and what its answer's error must say
+    '{"prompt": 5}': 'needs a "prompt" that is non-empty text',
+    '{"prompt": "x", "temperature": -1}': "temperature must be",
+    '{"prompt": "x"': "is not JSON",
+    '{"prompt": "x", "json_schema": {"oneOf": []}}': "the JSON schema cannot be used: Unsatisfiable",
+    '{"prompt": "x", "grammar": "GRAMMAR"}': "no-such-token",  # checked against the vocabulary when it is read
+    '{"prompt": "x", "error": null}': "'error', a key of the answer",
+    '{"prompt": "x", "reply": "mine"}': "'reply', a key of the answer",
+    "x" * 300_000: "longer than the 4096 tokens of context could hold",
+}
+
+
+def test_a_bad_line_is_that_line_s_error_and_every_other_line_is_answered(hub, home, tmp_path):
+    (tmp_path / "g.gbnf").write_text("root ::= <|no-such-token|>\n")
+    bad = [line.replace("GRAMMAR", str(tmp_path / "g.gbnf")) for line in BAD_LINES]
+    lines = [f"good {n}" if n % 2 == 0 else bad[n // 2] for n in range(2 * len(bad) + 1)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    result = many(hub, home, tmp_path / "p.jsonl", sample_len=2)
+    assert result.returncode == 1, result.stderr
+    answers = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(answers) == len(lines) and len(result.stdout) < 10_000  # a long line is never echoed whole
+    for n, answer in enumerate(answers):
+        if n % 2 == 0:
+            assert answer["prompt"] == f"good {n}" and "reply" in answer and "error" not in answer, answer
+        else:
+            said = list(BAD_LINES.values())[n // 2]
+            assert said in answer["error"] and f"line {n + 1}" in answer["error"], answer
+            assert "reply" not in answer
+
+
+def test_lines_end_at_newlines_only_and_a_bom_and_json_s_own_forms_are_taken(hub, home, tmp_path):
+    rows = ['\ufeff{"id": 1, "prompt": "a\u2028b"}', "form\x0cfeed\x85next\x1crecord\vtab", "windows\r",
+            '{"prompt": "x", "stop": "Q:", "json_schema": {"enum": ["red", "blue"]}}', '{"prompt": "y", "stop": null}']
+    (tmp_path / "p.txt").write_bytes("\n".join(rows).encode("utf-8") + b"\n")
+    answers = lines_of(many(hub, home, tmp_path / "p.txt", sample_len=8))
+    assert [answer["prompt"] for answer in answers] == ["a\u2028b", "form\x0cfeed\x85next\x1crecord\vtab", "windows",
+                                                         "x", "y"]
+    assert answers[0]["id"] == 1 and answers[1]["seed"] == 7 + 2  # the run's seed plus the line's number
+    assert json.loads(answers[3]["reply"]) in ("red", "blue")
+
+
+def test_a_pipe_is_a_prompts_file_too(hub, home):
+    script = shlex.join([PYTHON, str(SCRIPT), *RANDOM_MODEL, "--threads", "1", *flags(sample_len=2, prompt_cache_gb=0)])
+    result = subprocess.run(["bash", "-c", script + " --prompts <(printf 'one\\ntwo\\n')"], capture_output=True,
+                            env=environment_for(hub, home), stdin=subprocess.DEVNULL, timeout=PATIENCE)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["prompt"] for line in result.stdout.decode().splitlines()] == ["one", "two"]
+
+
+def test_the_context_is_sized_by_the_prompts_in_flight_not_by_parallel(hub, home, tmp_path):
+    (tmp_path / "p.txt").write_text("one short prompt\n")
+    result = many(hub, home, tmp_path / "p.txt", "--verbose", parallel=64, sample_len=8)
+    assert result.returncode == 0, result.stderr
+    assert int(re.search(r"n_ctx\s+= (\d+)", result.stderr)[1]) == 256  # one sequence's need, rounded up to 256
 
 
 def test_a_prompt_too_long_says_so_on_its_line_and_the_others_go_on(hub, home, tmp_path):
@@ -120,6 +173,7 @@ def test_a_prompt_too_long_says_so_on_its_line_and_the_others_go_on(hub, home, t
     lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert "error" not in lines[0] and "error" not in lines[2] and "reply" in lines[2]
     assert "the context holds 256" in lines[1]["error"] and "reply" not in lines[1]
+    assert len(lines[1]["prompt"]) < 300  # never echoed whole
 
 
 def test_stdin_is_a_prompts_file_too(hub, home):
