@@ -71,6 +71,7 @@ try:  # from the first line on, Ctrl-C, SIGTERM and SIGHUP end the script at onc
     import time
     import traceback
     import urllib.parse
+    import zlib
     from pathlib import Path
     from collections.abc import Callable, Iterable, Iterator
     from typing import Any, BinaryIO, NamedTuple, NoReturn
@@ -1781,21 +1782,24 @@ def read_jobs(source: BinaryIO, run: Run, defaults: dict[str, Any], *, seed: int
             yield Job(number, None, defaults, {}, reply_seed(seed, number), error=f"line {number} is longer than the "
                       f"{run.n_ctx} tokens of context could hold; shorten it or raise --ctx")
         elif text.strip():
-            yield new_job(number, text, run, defaults, seed=seed)
+            try:
+                item = json.loads(text) if text.lstrip().startswith("{") else {"prompt": text}
+            except (ValueError, RecursionError) as error:
+                yield Job(number, None, defaults, {}, reply_seed(seed, number), error=f"line {number} is not JSON "
+                          f"({error})")
+                continue
+            yield new_job(number, item, run, defaults, seed=reply_seed(seed, number))
 
 
-def new_job(number: int, text: str, run: Run, defaults: dict[str, Any], *, seed: int) -> Job:
-    """A line as a Job: its prompt, settings, seed (its own, or the run's plus its number) and tokens, or its error."""
-    try:
-        item = json.loads(text) if text.lstrip().startswith("{") else {"prompt": text}
-    except (ValueError, RecursionError) as error:
-        return Job(number, None, defaults, {}, reply_seed(seed, number), error=f"line {number} is not JSON ({error})")
+def new_job(number: int, item: Any, run: Run, defaults: dict[str, Any], *, seed: int) -> Job:
+    """A line's (or row's) item as a Job: its prompt, settings, seed (its own, else `seed`) and tokens, or its
+    error."""
     item = item if isinstance(item, dict) else {}
     own = {name: normal(name, item[name]) for name in CHAT_SETTINGS if name in item}
     extra = {key: value for key, value in item.items() if key not in ("prompt", *own, *ANSWER_KEYS)}
     own_seed = own.get("seed")
     job = Job(number, item.get("prompt"), {**defaults, **own}, extra,
-              own_seed if type(own_seed) is int else reply_seed(seed, number))
+              own_seed if type(own_seed) is int else seed)
     job.error = job_problem(job, item, run)
     if job.error and isinstance(job.prompt, str) and len(job.prompt) > SHOWN_CHARS:
         job.prompt = shorten(job.prompt)  # an answer never echoes whole a prompt too long to answer
@@ -1976,6 +1980,67 @@ def answered(job: Job, *, reply: Reply | None = None, error: str | None = None) 
         line.update(reply="".join(reply.text), tokens=len(reply.tokens), finish=reply.finish)
         error = incomplete(reply)
     return {**line, "error": error} if error else line
+
+
+# --- Ray Data (machinery): the --prompts engine as a batch stage, for more machines than one ------------------------
+class Answers:
+    """`ds.map_batches(phi_console.Answers, fn_constructor_kwargs={...}, compute=ray.data.ActorPoolStrategy(size=N))`:
+    one load per actor, then each batch (a dict of columns: "prompt" and any chat setting) answered on the --prompts
+    engine, PARALLEL rows at a time; its columns come back with reply, seed, tokens, finish and error added, as
+    --prompts writes them (None where a row has none). A bad row is its error; a failure of llama.cpp raises, and
+    Ray runs the batch again. A row without its own seed gets the run's plus a number its prompt's text gives, so
+    that the replies do not depend on how Ray cuts the data into batches."""
+
+    def __init__(self, **given: Any) -> None:
+        """Steps 1-3 of main(): every setting checked as its flag is (ValueError, in the same words), the download or
+        the cache, the load; quiet unless quiet=False. `prompt`, `chat`, `prompts` and `load` have no place here."""
+        settings = {**DEFAULTS, "quiet": True, **{name: cell(value) for name, value in given.items()}}
+        for name in given:
+            if name not in SETTINGS.keys() - {"prompt", "chat", "prompts"} | {"quiet"}:
+                raise ValueError(f"Answers takes no setting {name!r}")
+            if name != "quiet" and (wrong := problem(name, settings[name])):
+                raise ValueError(f"{name} {wrong}")
+        check_grammar(None, settings)
+        route_llama_log(verbose=False)
+        hub_logging.set_verbosity_error()
+        context = dict(threads=settings["threads"] or physical_cores(),
+                       gpu=llama_cpp.llama_supports_gpu_offload() and settings["gpu_layers"] != 0)
+        model_path, tokenizer_path = download(
+            [(settings["model_repo"], settings["model_file"], settings["model_revision"]),
+             (settings["tokenizer_repo"], "tokenizer.json", settings["tokenizer_revision"])], quiet=settings["quiet"])
+        specials = read_special_tokens(tokenizer_path)
+        model, _, repacked = load_layouts(model_path, repack=repack_weights(settings["repack"], gpu=context["gpu"]),
+                                          gpu_layers=settings["gpu_layers"], split=False, threads=context["threads"])
+        check_model(model, specials, n_ctx=settings["ctx"])
+        self.run = Run(model, specials, settings["ctx"], context, quiet=settings["quiet"], verbose=False,
+                       identity=state_identity(model_path, gpu_layers=settings["gpu_layers"]) | {"repack": repacked})
+        self.defaults, self.parallel = {name: settings[name] for name in CHAT_SETTINGS}, settings["parallel"]
+        self.seed = draw_seed(settings["seed"])
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [{name: cell(column[row]) for name, column in batch.items()} for row in range(len(batch["prompt"]))]
+        jobs = [new_job(row, {key: value for key, value in item.items() if value is not None}, self.run,
+                        self.defaults, seed=reply_seed(self.seed, zlib.crc32(str(item.get("prompt")).encode())))
+                for row, item in enumerate(rows)]  # a row's seed: its own, else the run's plus its prompt's number
+        try:
+            lines = list(answers(self.run, jobs, parallel=self.parallel, counts=collections.Counter()))
+        except SystemExit:  # llama.cpp failed (fail() said why on stderr): Ray retries the batch
+            raise RuntimeError("llama.cpp failed to answer this batch") from None
+        return {**batch, **{key: [line.get(key) for line in lines] for key in ("reply", "seed", *ANSWER_KEYS[1:])}}
+
+
+def cell(value: Any) -> Any:
+    """A cell as Arrow and pandas give it, as JSON would: None or NaN is not given, a whole float is an integer, a
+    numpy array a list, a numpy number Python's."""
+    if isinstance(value, np.ndarray):
+        return [cell(item) for item in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
