@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         model, prompt_model, prompts_repacked = load_layouts(  # split: a one-shot prompt may use the other layout
             model_path, repack=repack, split=not (chatting or many), gpu_layers=settings.gpu_layers,
-            threads=context["threads"])
+            threads=context["threads"], quiet=quiet)
         check_model(model, specials, n_ctx=settings.ctx)
         sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}  # a saved state names its prompts' layout
         run = Run(model, specials, settings.ctx, context, quiet=quiet, verbose=verbose,
@@ -626,8 +626,8 @@ PROBE_ROUNDS = 2  # each layout is timed this many times, in turns, and its best
 NOISE = 1.1  # repacked weights must measure this much faster than the file's layout to be used for a phase
 
 
-def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, split: bool,
-                 threads: int) -> tuple[llama_cpp.llama_model_p, llama_cpp.llama_model_p, bool]:
+def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, split: bool, threads: int,
+                 quiet: bool) -> tuple[llama_cpp.llama_model_p, llama_cpp.llama_model_p, bool]:
     """The model that generates, the one that evaluates prompts (the same one unless `split` and the two phases are
     faster on different layouts), and whether the latter is repacked. `repack` decides, or where it is None this
     machine's measurement: taken once for this build, model file and thread count, and kept in layouts.json."""
@@ -645,10 +645,14 @@ def load_layouts(path: str, *, repack: bool | None, gpu_layers: int | None, spli
         models = {layout: load_model(path, gpu_layers=gpu_layers, repack=layout) for layout in (False, True)}
         speeds = layout_speeds(models, threads=threads)  # tokens a second: prompt, generation
         prompt, generation = (speeds[True][phase] > speeds[False][phase] * NOISE for phase in (0, 1))
-        known[key] = {"prompt": prompt, "generation": generation, "tokens a second, prompt and generation":
-                      {"as in the file": speeds[False], "repacked": speeds[True]}}
-        with contextlib.suppress(OSError):  # unsaved, it is measured again next time
-            write_whole(file, json.dumps(known, indent=1))
+        entry = {"prompt": prompt, "generation": generation, "tokens a second, prompt and generation":
+                 {"as in the file": speeds[False], "repacked": speeds[True]}}
+        try:  # under a lock, read again: runs that measure at once (other thread counts) keep each other's entries
+            with WeakFileLock(file.with_name("layouts.lock")):
+                write_whole(file, json.dumps({**read_json(file), key: entry}, indent=1))
+        except OSError as error:
+            note(f"note: the measured layouts cannot be kept in {file} ({error.strerror or error}); each run will "
+                 "measure them again", quiet=quiet)
     prompt = prompt if split else generation
     for layout in set(models) - {prompt, generation}:
         llama_cpp.llama_model_free(models.pop(layout))
@@ -2010,7 +2014,8 @@ class Answers:
              (settings["tokenizer_repo"], "tokenizer.json", settings["tokenizer_revision"])], quiet=settings["quiet"])
         specials = read_special_tokens(tokenizer_path)
         model, _, repacked = load_layouts(model_path, repack=repack_weights(settings["repack"], gpu=context["gpu"]),
-                                          gpu_layers=settings["gpu_layers"], split=False, threads=context["threads"])
+                                          gpu_layers=settings["gpu_layers"], split=False, threads=context["threads"],
+                                          quiet=settings["quiet"])
         check_model(model, specials, n_ctx=settings["ctx"])
         self.run = Run(model, specials, settings["ctx"], context, quiet=settings["quiet"], verbose=False,
                        identity=state_identity(model_path, gpu_layers=settings["gpu_layers"]) | {"repack": repacked})

@@ -294,6 +294,20 @@ def test_a_damaged_answer_is_measured_again_not_trusted(hub, random_models, tmp_
     assert layouts(tmp_path).keys() == {key}
 
 
+def test_runs_that_measure_at_once_keep_both_answers_and_an_unwritable_file_is_one_note(hub, random_models, tmp_path):
+    if b"AMX_INT8 = 1" in FEATURES:
+        pytest.skip("this build never repacks")
+    run = ("--model-repo", RANDOM, "--model-file", "two-layers.gguf", "--sample-len", "1", "--prompt-cache-gb", "0")
+    assert console(*run, "--no-repack", hub=hub, home=tmp_path).returncode == 0  # cached, nothing measured yet
+    both = [start(*run, "--threads", str(threads), hub=hub, home=tmp_path) for threads in (1, 2)]
+    assert [process.wait(timeout=PATIENCE) for process in both] == [0, 0]
+    assert len(layouts(tmp_path)) == 2  # one entry for each thread count: neither run's write lost the other's
+    shutil.rmtree(tmp_path / "phi-console")
+    (tmp_path / "phi-console" / "layouts.json").mkdir(parents=True)  # a folder where the file goes
+    result = console(*run, hub=hub, home=tmp_path)
+    assert result.returncode == 0 and result.stderr.count("cannot be kept") == 1, result.stderr
+
+
 @pytest.mark.parametrize("repack", [False, True])
 def test_on_either_layout_a_rerun_restores_the_prompt_and_replies_the_same(hub, home, repack):
     if repack and b"AMX_INT8 = 1" in FEATURES:
