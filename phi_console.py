@@ -1895,8 +1895,9 @@ def answers(run: Run, jobs: Iterable[Job], *, parallel: int, counts: collections
                     if ctx is not None:
                         llama_cpp.llama_free(ctx)
                     pool = max(pool, need)
-                    ctx, _ = new_context(run.model, n_ctx=pool, sequences=parallel, **run.context,
-                                         advice=f"lower --parallel ({parallel}), --sample-len or --ctx ({run.n_ctx})")
+                    advice = f"lower --parallel ({parallel}), --sample-len or --ctx ({run.n_ctx})"
+                    ctx, made = new_context(run.model, n_ctx=pool, sequences=parallel, **run.context, advice=advice)
+                    pool = made["n_ctx"]  # as llama.cpp made it, rounded up: room that jobs in flight may share
                     llama_cpp.llama_set_abort_callback(ctx, ABORT, None)  # Ctrl-C stops a step between graph nodes
                 job.seq = min(set(range(parallel)) - {other.seq for other in running.values()})
                 job.reply = Reply(vocab, job.settings, specials=run.specials, seed=job.seed, room=job.room)
