@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -325,6 +326,42 @@ def batch_rates(script: Callable[..., list[str]], env: dict[str, str], *, tmp: P
     return rates, run_measured(command, env, memory=True, codes=(0, 3))[2]
 
 
+RAY_PROMPTS, RAY_TOKENS = 32, 64  # phi_console.Answers in Ray Data against --prompts on the same prompts
+RAY_DRIVER = """
+import json, sys, time, ray, phi_console
+settings, prompts = json.loads(sys.argv[1]), sys.argv[2]
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"py_modules": [phi_console.__file__]})
+started = time.perf_counter()
+rows = ray.data.read_json(prompts).map_batches(phi_console.Answers, fn_constructor_kwargs=settings, batch_size=8,
+                                               compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+print(json.dumps({"tokens": sum(row["tokens"] or 0 for row in rows), "seconds": time.perf_counter() - started}))
+"""
+
+
+def ray_rates(script: Callable[..., list[str]], env: dict[str, str], *, tmp: Path) -> list[tuple[float, float]]:
+    """Generated tokens a second, load included in both, of phi_console.Answers with one Ray Data actor and of
+    --prompts on the same RAY_PROMPTS prompts, in turns, in RUNS rounds: (ray, --prompts) per round."""
+    if importlib.util.find_spec("ray") is None:
+        return []
+    prompts = tmp / "ray-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about number {n}"}) + "\n"
+                               for n in range(RAY_PROMPTS)))
+    settings = {"model_repo": MODEL_REPO, "model_file": MODEL_FILE, "tokenizer_repo": TOKENIZER_REPO, "seed": 1,
+                "temperature": 0, "repeat_penalty": 1, "threads": THREADS, "sample_len": RAY_TOKENS}
+    rates = []
+    for round_ in range(RUNS):
+        log(f"  Ray Data against --prompts, round {round_ + 1} of {RUNS}")
+        started = time.perf_counter()
+        _, err, _ = run_measured(script(None, RAY_TOKENS, "--prompts", str(prompts), "--seed", "1"), env, codes=(0, 3))
+        ours = int(re.search(r"generated: (\d+) tokens", err)[1]) / (time.perf_counter() - started)
+        ray_env = {**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        out, _, _ = run_measured([sys.executable, "-c", RAY_DRIVER, json.dumps(settings), str(prompts)], ray_env)
+        seen = json.loads(out.splitlines()[-1])
+        rates.append((seen["tokens"] / seen["seconds"], ours))
+        log(f"  Ray Data {rates[-1][0]:.2f} tok/s, --prompts {ours:.2f}")
+    return rates
+
+
 def span(values: list[float], digits: int = 2) -> str:
     """The median of a figure over the rounds, and its lowest and highest round."""
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
@@ -446,6 +483,7 @@ def main() -> None:
         layout_runs[name]["peak"] = run_measured(evaluated(long_prompt, GEN_TOKENS) + [flag], env, memory=True)[2]
     batch, batch_peak = batch_rates(script, env, tmp=home, repacked=chosen["generation"],
                                     exe=llama_tool("llama-batched-bench"), model=model)
+    ray = ray_rates(script, env, tmp=home)
 
     log("the llama-cpp-python snippet (library defaults) on the same 500-token prompt...")
     formatted = f"<|user|>\n{long_prompt}<|end|>\n<|assistant|>"
@@ -505,6 +543,9 @@ def main() -> None:
          f"{choosing['measuring']:.2f}", f"a later run: {choosing['reading']:.2f}",
          f"+{choosing['measuring'] - choosing['reading']:.2f} s"),
         *batch_rows(batch, batch_peak),
+        *([(f"phi_console.Answers, one Ray Data actor, {RAY_PROMPTS} prompts x {RAY_TOKENS} tokens (tok/s, load "
+            "included)", span([r for r, _ in ray]), f"--prompts, the same: {span([p for _, p in ray])}",
+            f"{ratio([r for r, _ in ray], [p for _, p in ray]):.3f}")] if ray else []),
         ("time to first token, warm cache: load + prompt (s)",
          f"{prompt['load']:.2f} + {prompt['n_prompt'] / prompt['pp']:.2f} = {first_token:.2f}", "", ""),
         ("peak Private_Dirty (short prompt run)", f"{short['peak'] / 2**30:.2f} GiB",
