@@ -22,11 +22,10 @@ from the cache without touching the network. Edit the settings below and rerun, 
 The program, a whole default run in the order the work happens; it ends with main():
   Settings      the constants to edit, and SETTINGS: each one's type, check and meaning
   Command line  flags over constants, every value checked before anything slow
-  Download      the cache first, the hub only for what it lacks
   Load          llama.cpp maps the weights; the model and tokenizer must agree on the chat tokens
   Prompt        Phi-3's chat format, evaluated in batches that Ctrl-C can stop
   Stream        the sampler, Reply (one reply as it is made), generate() (the token loop), complete()
-  Main          main(): settings -> download -> load -> prompt -> stream -> report
+  Main          main(): settings -> download -> load -> prompt -> stream -> report; ready_run(): steps 2-3
 Then the machinery that makes it robust and fast, each part entered by one call from the program:
   Weight layouts        load_layouts(): prompts and generation each on the weights' layout measured faster here
   Download (machinery)  fetch_files(): every file checked against the hub's hash, a stopped download resumed
@@ -295,13 +294,6 @@ def read_prompt(prompt: str | None, *, n_ctx: int) -> str:
     return prompt  # type: ignore[return-value]
 
 
-# --- Download: the cache answers first, so a cached run sends no request at all ---------------------------------------
-def download(files: list[tuple[str, str, str]], *, quiet: bool) -> list[str]:
-    """Local paths of (repo, file, revision) triples, from the cache where it holds them intact, else from the hub."""
-    cached = [try_to_load_from_cache(repo, name, revision=revision) for repo, name, revision in files]
-    return fetch_files(files, cached, quiet=quiet)
-
-
 # --- Load: llama.cpp maps the GGUF into memory; its log stays quiet unless --verbose ----------------------------------
 def repack_weights(setting: bool | None, *, gpu: bool) -> bool | None:
     """The setting (None: measured, in Weight layouts), but True on a GPU (llama.cpp's own), never with AMX."""
@@ -493,36 +485,16 @@ class Reply:
         return piece
 
 
-def generate(ctx: llama_cpp.llama_context_p, reply: Reply) -> Iterator[str]:
-    """The token loop, once the prompt is evaluated: sample, stop?, print, decode. Yields the text to print."""
+def generate(ctx: llama_cpp.llama_context_p, reply: Reply) -> None:
+    """The token loop, once the prompt is evaluated: sample, stop?, print, decode."""
     while reply.finish is None:
         raise_noted()  # Ctrl-C stops the reply here, before one more token is drawn
-        yield reply.next(ctx)  # sample, stop?, and print
+        if piece := reply.next(ctx):  # sample, stop?, and print
+            write_out(piece.encode("utf-8"))
         if reply.finish is None:  # decode: the token goes into the cache, and its logits are the next step's
             one = token_array(reply.tokens[-1:])
             if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
                 fail("llama.cpp failed to evaluate a token")
-
-
-def write_out(data: bytes) -> None:
-    """Write to stdout at once. The only writer to it: run() tells a reply that could not be written by this frame."""
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
-
-
-@contextlib.contextmanager
-def reply_line() -> Iterator[None]:
-    """The reply's line on stdout, ended however the reply ends: done, or stopped by Ctrl-C (its prompt too)."""
-    try:
-        yield
-    finally:
-        write_out(b"\n")
-
-
-def show(pieces: Iterator[str]) -> None:
-    for piece in pieces:
-        if piece:
-            write_out(piece.encode("utf-8"))
 
 
 def complete(run: Run, prompt_model: llama_cpp.llama_model_p, *, prompt: str, sampling: dict[str, Any],
@@ -539,12 +511,12 @@ def complete(run: Run, prompt_model: llama_cpp.llama_model_p, *, prompt: str, sa
             show_tokens(vocab, tokens)
         try:  # A saved state holds no logits, so the prompt's last token is evaluated alone, whether the rest was
             # restored or not: both runs then compute the same numbers, and give the same reply
-            with reusing_prompt(ctx, tokens[:-1], run.identity | key, folder=DATA_DIR / "prompts",
-                                limit=prompt_cache_gb * 1e9, quiet=run.quiet) as restored, reply_line():
+            with reusing_prompt(ctx, tokens[:-1], run.identity | key, limit=prompt_cache_gb * 1e9,
+                                quiet=run.quiet) as restored, reply_line():
                 # On the prompts' layout of the weights, where that is another; the penalty never sees the prompt
                 evaluate_on(prompt_model, ctx, tokens[restored:-1], context=run.context)
                 evaluate(ctx, tokens[-1:])
-                show(generate(ctx, reply))
+                generate(ctx, reply)
         finally:  # also when Ctrl-C stopped it: the seed repeats the run
             if run.verbose:  # llama.cpp's own timings, next to ours: the difference is the time spent in Python
                 llama_cpp.llama_perf_context_print(ctx)
@@ -568,7 +540,7 @@ def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool, most: i
 
 
 class Run(NamedTuple):
-    """What every reply of a run shares, settled once by main() (or Answers) and passed whole."""
+    """What every reply of a run shares, settled once by ready_run() and passed whole."""
     model: llama_cpp.llama_model_p  # the loaded model that generates
     specials: dict[str, int]  # the chat tokens' ids, from tokenizer.json
     n_ctx: int  # CTX: the tokens a prompt and its reply, or a whole chat, may fill
@@ -579,33 +551,40 @@ class Run(NamedTuple):
 
 
 # --- Main: settings -> download -> load -> prompt -> stream -> report -------------------------------------------------
+@contextlib.contextmanager
+def ready_run(settings: dict[str, Any], *, split: bool, quiet: bool,
+              verbose: bool) -> Iterator[tuple[Run, llama_cpp.llama_model_p, float]]:
+    """main()'s steps 2 and 3, which Answers takes too: the files (the cache first), the model loaded, each phase on
+    its faster layout (`split`: a prompt's may differ). Yields the Run, the prompts' model and when the load began."""
+    context = dict(threads=settings["threads"] or physical_cores(),
+                   gpu=llama_cpp.llama_supports_gpu_offload() and settings["gpu_layers"] != 0)
+    repack = repack_weights(settings["repack"], gpu=context["gpu"])  # before the download: refused where it crashes
+    if not verbose:
+        hub_logging.set_verbosity_error()  # the library's retry and cache chatter
+    model_path, tokenizer_path = fetch_files(
+        [(settings["model_repo"], settings["model_file"], settings["model_revision"]),
+         (settings["tokenizer_repo"], "tokenizer.json", settings["tokenizer_revision"])], quiet=quiet)
+    specials = read_special_tokens(tokenizer_path)
+    with ctrl_c(at_once=False):  # Ctrl-C now stops llama.cpp only where that is safe
+        started = time.perf_counter()
+        model, prompt_model, repacked = load_layouts(model_path, repack=repack, split=split, quiet=quiet,
+                                                     gpu_layers=settings["gpu_layers"], threads=context["threads"])
+        check_model(model, specials, n_ctx=settings["ctx"])
+        # A saved state names the layout that evaluated its prompt
+        identity = state_identity(model_path, gpu_layers=settings["gpu_layers"]) | {"repack": repacked}
+        yield Run(model, specials, settings["ctx"], context, identity, quiet, verbose), prompt_model, started
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)  # 1. settings: flags over constants, every value checked
     chatting, many = settings.chat or settings.load is not None, settings.prompts is not None
     prompt = None if chatting or many else read_prompt(settings.prompt, n_ctx=settings.ctx)
-    quiet, verbose = settings.quiet and not settings.verbose, settings.verbose
-    context = dict(threads=settings.threads or physical_cores(),
-                   gpu=llama_cpp.llama_supports_gpu_offload() and settings.gpu_layers != 0)
-    repack = repack_weights(settings.repack, gpu=context["gpu"])  # before the download: refused where it crashes
+    quiet = settings.quiet and not settings.verbose
     if quiet:
         disable_progress_bars()
-    if not verbose:
-        hub_logging.set_verbosity_error()  # the library's retry and cache chatter
-
-    model_path, tokenizer_path = download(  # 2. download: the cache first, the hub only for what it lacks
-        [(settings.model_repo, settings.model_file, settings.model_revision),
-         (settings.tokenizer_repo, "tokenizer.json", settings.tokenizer_revision)], quiet=quiet)
-    specials = read_special_tokens(tokenizer_path)
-
-    with ctrl_c(at_once=False):  # 3. load, each phase on its faster layout. Ctrl-C now stops llama.cpp where safe
-        started = time.perf_counter()
-        model, prompt_model, prompts_repacked = load_layouts(  # split: a one-shot prompt may use the other layout
-            model_path, repack=repack, split=not (chatting or many), gpu_layers=settings.gpu_layers,
-            threads=context["threads"], quiet=quiet)
-        check_model(model, specials, n_ctx=settings.ctx)
-        sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}  # a saved state names its prompts' layout
-        run = Run(model, specials, settings.ctx, context, quiet=quiet, verbose=verbose,
-                  identity=state_identity(model_path, gpu_layers=settings.gpu_layers) | {"repack": prompts_repacked})
+    with ready_run(vars(settings), split=not (chatting or many), quiet=quiet,  # 2. download, 3. load
+                   verbose=settings.verbose) as (run, prompt_model, started):
+        sampling = {name: getattr(settings, name) for name in CHAT_SETTINGS}
         if many:  # 4-6. for every prompt of a file, as it is read, PARALLEL at a time
             seed = draw_seed(settings.seed)
             return answer_all(run, read_jobs(settings.prompts_file, run, sampling, seed=seed),
@@ -749,8 +728,10 @@ def check_model(model: llama_cpp.llama_model_p, specials: dict[str, int], *, n_c
             fail(f"tokenizer.json gives {name} the id {specials[name]}, but the GGUF has {text!r} there: {apart}")
 
 
-def fetch_files(files: list[tuple[str, str, str]], cached: list[Any], *, quiet: bool) -> list[str]:
-    """The cached paths of (repo, file, revision) triples that still hash to the hub's etag; the others fetched."""
+def fetch_files(files: list[tuple[str, str, str]], *, quiet: bool) -> list[str]:
+    """Local paths of (repo, file, revision) triples: the cache's where they still hash to the hub's etag, so that a
+    cached run sends no request at all; the others fetched."""
+    cached = [try_to_load_from_cache(repo, name, revision=revision) for repo, name, revision in files]
     paths = [path if isinstance(path, str) and verified(path, quiet=quiet) else None for path in cached]
     missing = [(files[index], index) for index, path in enumerate(paths) if path is None]
     if not missing:
@@ -937,6 +918,7 @@ PROMPT_RECORD = {"key": dict, "tokens": [int], "hmac": str}  # a NAME.json, as s
 LEFTOVER_S = 3600  # a temporary file unchanged this long was left by a run that was killed
 KEPT_MAX_BYTES = 64 * 2**20  # a record or list the script keeps is far smaller; a larger one is damaged
 KEY_BYTES = 32  # the key that signs saved states: as long as its HMAC's sha256
+PROMPT_DIR = DATA_DIR / "prompts"  # the saved prompts, which every run shares
 
 
 def state_identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]:
@@ -948,23 +930,22 @@ def state_identity(model_path: str, *, gpu_layers: int | None) -> dict[str, Any]
 
 
 @contextlib.contextmanager
-def reusing_prompt(ctx: llama_cpp.llama_context_p, prefix: list[int], key: dict[str, Any], *, folder: Path,
-                   limit: float, quiet: bool) -> Iterator[int]:
+def reusing_prompt(ctx: llama_cpp.llama_context_p, prefix: list[int], key: dict[str, Any], *, limit: float,
+                   quiet: bool) -> Iterator[int]:
     """Restore the longest start of the prompt's prefix a run saved under this key (the model, build and context that
     made it), yield its length; save the prefix if it was evaluated here."""
-    restored = restore_prompt(ctx, prefix, key, folder=folder, quiet=quiet) if limit else 0
+    restored = restore_prompt(ctx, prefix, key, quiet=quiet) if limit else 0
     try:
         yield restored
     finally:
         if limit and restored < len(prefix) and cached_tokens(ctx) >= len(prefix):  # also when Ctrl-C stopped the reply
-            save_prompt(ctx, prefix, key, folder=folder, limit=limit)
+            save_prompt(ctx, prefix, key, limit=limit)
 
 
-def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[str, Any], *, folder: Path,
-                   quiet: bool) -> int:
+def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[str, Any], *, quiet: bool) -> int:
     """Restore the saved prompt that gives the longest start of `tokens`: all of them, or whole batches; its length."""
     best, usable = None, 0
-    for index in folder.glob("*.json"):
+    for index in PROMPT_DIR.glob("*.json"):
         saved = read_json(index)
         if saved.get("key") != key or shape_problem(saved, PROMPT_RECORD, "record"):
             continue
@@ -988,30 +969,29 @@ def restore_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[
     return usable
 
 
-def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[str, Any], *, folder: Path,
-                limit: float) -> None:
+def save_prompt(ctx: llama_cpp.llama_context_p, tokens: list[int], key: dict[str, Any], *, limit: float) -> None:
     """Keep the cache's first len(tokens) positions for later runs, then make room; a failed write loses nothing."""
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, len(tokens), -1)
     if llama_cpp.llama_state_seq_get_size(ctx, 0) > limit:
         return
     name = hashlib.sha256(json.dumps([key, tokens]).encode()).hexdigest()[:32]
     with contextlib.suppress(OSError):
-        folder.mkdir(parents=True, exist_ok=True)
-        with temporary_beside(folder / f"{name}.state") as partial:
+        PROMPT_DIR.mkdir(parents=True, exist_ok=True)
+        with temporary_beside(PROMPT_DIR / f"{name}.state") as partial:
             mac = save_state(ctx, partial, tokens)
-            with WeakFileLock(folder.with_name("prompts.lock")):
-                os.replace(partial, folder / f"{name}.state")
-                write_whole(folder / f"{name}.json", json.dumps({"key": key, "tokens": tokens, "hmac": mac}))
-                tidy_prompts(folder, keep=folder / f"{name}.json", limit=limit)
+            with WeakFileLock(PROMPT_DIR.with_name("prompts.lock")):
+                os.replace(partial, PROMPT_DIR / f"{name}.state")
+                write_whole(PROMPT_DIR / f"{name}.json", json.dumps({"key": key, "tokens": tokens, "hmac": mac}))
+                tidy_prompts(keep=PROMPT_DIR / f"{name}.json", limit=limit)
 
 
-def tidy_prompts(folder: Path, *, keep: Path, limit: float) -> None:
+def tidy_prompts(*, keep: Path, limit: float) -> None:
     """Under the lock: delete states no record names, killed runs' files, then least recently used prompts to fit."""
     saved = []
-    for index in folder.glob("*.json"):
+    for index in PROMPT_DIR.glob("*.json"):
         with contextlib.suppress(OSError):  # a record whose state is gone waits to be replaced
             saved.append((index.stat().st_mtime, index.with_suffix(".state").stat().st_size, index))
-    for path in folder.iterdir():
+    for path in PROMPT_DIR.iterdir():
         with contextlib.suppress(OSError):  # gone already: another run's temporary file, renamed
             stale = path.suffix == ".tmp" and time.time() - path.stat().st_mtime > LEFTOVER_S
             if stale or (path.suffix == ".state" and not path.with_suffix(".json").exists()):
@@ -1227,7 +1207,6 @@ class Conversation:
             value = read_value(name, text)
         except argparse.ArgumentTypeError as wrong:
             raise ValueError(f"{name} {wrong}") from None
-        # A schema or grammar that cannot be used is refused now, not at every reply after it
         check_grammar(self.vocab, {**self.settings, name: value}, end=self.specials["<|end|>"])
         self.settings[name] = value
         if name == "system":  # it belongs at the start of the conversation, so the conversation starts over
@@ -1280,7 +1259,7 @@ class Conversation:
             try:
                 with reply_line():
                     evaluate(self.ctx, prompt)
-                    show(generate(self.ctx, reply))
+                    generate(self.ctx, reply)
             except KeyboardInterrupt:
                 if not reply.tokens:  # stopped before the reply began: as if the message had not been sent
                     llama_cpp.llama_memory_seq_rm(self.memory, 0, len(self.tokens), -1)
@@ -1796,14 +1775,12 @@ def read_jobs(source: BinaryIO, run: Run, defaults: dict[str, Any], *, seed: int
 
 
 def new_job(number: int, item: Any, run: Run, defaults: dict[str, Any], *, seed: int) -> Job:
-    """A line's (or row's) item as a Job: its prompt, settings, seed (its own, else `seed`) and tokens, or its
-    error."""
+    """A line's (or row's) item as a Job: its prompt, settings, seed (its own, else `seed`) and tokens, or its error."""
     item = item if isinstance(item, dict) else {}
     own = {name: normal(name, item[name]) for name in CHAT_SETTINGS if name in item}
     extra = {key: value for key, value in item.items() if key not in ("prompt", *own, *ANSWER_KEYS)}
-    own_seed = own.get("seed")
-    job = Job(number, item.get("prompt"), {**defaults, **own}, extra,
-              own_seed if type(own_seed) is int else seed)
+    seed = own["seed"] if type(own.get("seed")) is int else seed
+    job = Job(number, item.get("prompt"), {**defaults, **own}, extra, seed)
     job.error = job_problem(job, item, run)
     if job.error and isinstance(job.prompt, str) and len(job.prompt) > SHOWN_CHARS:
         job.prompt = shorten(job.prompt)  # an answer never echoes whole a prompt too long to answer
@@ -1997,8 +1974,8 @@ class Answers:
     that the replies do not depend on how Ray cuts the data into batches."""
 
     def __init__(self, **given: Any) -> None:
-        """Steps 1-3 of main(): every setting checked as its flag is (ValueError, in the same words), the download or
-        the cache, the load; quiet unless quiet=False. `prompt`, `chat`, `prompts` and `load` have no place here."""
+        """Every setting checked as its flag is (ValueError, in the same words), then main()'s download and load;
+        quiet unless quiet=False. `prompt`, `chat`, `prompts` and `load` have no place here."""
         settings = {**DEFAULTS, "quiet": True, **{name: cell(value) for name, value in given.items()}}
         for name in given:
             if name not in SETTINGS.keys() - {"prompt", "chat", "prompts"} | {"quiet"}:
@@ -2007,21 +1984,9 @@ class Answers:
                 raise ValueError(f"{name} {wrong}")
         check_grammar(None, settings)
         route_llama_log(verbose=False)
-        hub_logging.set_verbosity_error()
-        context = dict(threads=settings["threads"] or physical_cores(),
-                       gpu=llama_cpp.llama_supports_gpu_offload() and settings["gpu_layers"] != 0)
-        model_path, tokenizer_path = download(
-            [(settings["model_repo"], settings["model_file"], settings["model_revision"]),
-             (settings["tokenizer_repo"], "tokenizer.json", settings["tokenizer_revision"])], quiet=settings["quiet"])
-        specials = read_special_tokens(tokenizer_path)
-        model, _, repacked = load_layouts(model_path, repack=repack_weights(settings["repack"], gpu=context["gpu"]),
-                                          gpu_layers=settings["gpu_layers"], split=False, threads=context["threads"],
-                                          quiet=settings["quiet"])
-        check_model(model, specials, n_ctx=settings["ctx"])
-        self.run = Run(model, specials, settings["ctx"], context, quiet=settings["quiet"], verbose=False,
-                       identity=state_identity(model_path, gpu_layers=settings["gpu_layers"]) | {"repack": repacked})
-        self.defaults, self.parallel = {name: settings[name] for name in CHAT_SETTINGS}, settings["parallel"]
-        self.seed = draw_seed(settings["seed"])
+        with ready_run(settings, split=False, quiet=settings["quiet"], verbose=False) as (self.run, _, _):
+            self.defaults, self.parallel = {name: settings[name] for name in CHAT_SETTINGS}, settings["parallel"]
+            self.seed = draw_seed(settings["seed"])
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = [{name: cell(column[row]) for name, column in batch.items()} for row in range(len(batch["prompt"]))]
@@ -2051,6 +2016,21 @@ def cell(value: Any) -> Any:
 
 # --- Helpers: Ctrl-C and SIGTERM noted, progress bars, files written whole, values read from files --------------------
 SHOWN_CHARS = 200  # the most of a name or value from the user that a message shows
+
+
+def write_out(data: bytes) -> None:
+    """Write to stdout at once. The only writer to it: run() tells a reply that could not be written by this frame."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+@contextlib.contextmanager
+def reply_line() -> Iterator[None]:
+    """The reply's line on stdout, ended however the reply ends: done, or stopped by Ctrl-C (its prompt too)."""
+    try:
+        yield
+    finally:
+        write_out(b"\n")
 
 
 class Signals:

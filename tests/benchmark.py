@@ -82,9 +82,10 @@ rates are generated tokens a second with the prompts' evaluation included. Memor
 file's page cache. The script's prompt figures count everything from the loaded model to the first token
 (making the context, restoring a saved prompt); llama-bench's count only its batches, after an untimed warm-up.
 """
-# The CMake flags the installed llama-cpp-python was built with, which pip read from CMAKE_ARGS too; none (as
-# requirements.txt installs it) is llama.cpp's default build
-BUILD_FLAGS = os.environ.get("CMAKE_ARGS", "").split()
+# The CMake flags the installed llama-cpp-python was built with: requirements.txt's cmake.args (no AMX-INT8 kernel),
+# then CMAKE_ARGS, in the order scikit-build-core passes them
+BUILD_FLAGS = [*re.search(r"cmake\.args=(\S+)", (ROOT / "requirements.txt").read_text())[1].split(";"),
+               *os.environ.get("CMAKE_ARGS", "").split()]
 
 
 def log(message: str) -> None:
