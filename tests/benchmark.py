@@ -9,9 +9,8 @@ both alike; a ratio is the median of the rounds' ratios, a figure the median of 
 - the model is Phi-3-mini-shaped (32 layers, n_embd 3072, n_ff 8192, vocab 32064) with random weights,
   quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
 - llama-bench and llama-completion are built with CMake from the sdist of the installed llama-cpp-python (same
-  llama.cpp source and build flags: llama.cpp's default build like requirements.txt's, or CMAKE_ARGS as pip
-  read them, e.g. "-DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__" for a build without the AMX
-  kernel); llama-bench's best configuration (`--repack`, `-fa`) counts, and llama-completion is the yardstick for
+  llama.cpp source and build flags: requirements.txt's cmake.args, which leave out the AMX-INT8 kernel, then
+  CMAKE_ARGS as pip read them); llama-bench's best configuration (`--repack`, `-fa`) counts, and llama-completion is the yardstick for
   a warm rerun's wall time;
 - phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
   once into the benchmark's HF_HOME, and every measured run starts from that cache.
