@@ -10,8 +10,8 @@ both alike; a ratio is the median of the rounds' ratios, a figure the median of 
   quantized to Q4_K_M like the real file: the same size and kernels, so the same cost per token;
 - llama-bench and llama-completion are built with CMake from the sdist of the installed llama-cpp-python (same
   llama.cpp source and build flags: requirements.txt's cmake.args, which leave out the AMX-INT8 kernel, then
-  CMAKE_ARGS as pip read them); llama-bench's best configuration (`--repack`, `-fa`) counts, and llama-completion is the yardstick for
-  a warm rerun's wall time;
+  CMAKE_ARGS as pip read them); llama-bench's best configuration (`--repack`, `-fa`) counts, and
+  llama-completion is the yardstick for a warm rerun's wall time;
 - phi_console.py runs through its real code path: the model is served by the tests' local hub, downloaded
   once into the benchmark's HF_HOME, and every measured run starts from that cache.
 
