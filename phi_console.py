@@ -528,11 +528,15 @@ def complete(run: Run, prompt_model: llama_cpp.llama_model_p, *, prompt: str, sa
     return 0
 
 
+def too_long(prompt: int, *, n_ctx: int, most: int) -> str:
+    larger = f" or raise --ctx (to at most {most})" if n_ctx < most else f" (the model takes at most {most})"
+    return f"the prompt is {prompt} tokens and the context holds {n_ctx}; shorten the prompt{larger}"
+
+
 def reply_room(prompt: int, *, n_ctx: int, sample_len: int, quiet: bool, most: int) -> int:
     """How many tokens the reply may have: SAMPLE_LEN, or what the context leaves after a prompt of `prompt` tokens."""
     if prompt >= n_ctx:
-        larger = f" or raise --ctx (to at most {most})" if n_ctx < most else f" (the model takes at most {most})"
-        fail(f"the prompt is {prompt} tokens and the context holds {n_ctx}; shorten the prompt{larger}", code=2)
+        fail(too_long(prompt, n_ctx=n_ctx, most=most), code=2)
     room = min(sample_len, n_ctx - prompt + 1)  # + 1: the last token is never evaluated
     if room < sample_len:
         note(f"note: the context leaves room for {room} tokens of reply; raise --ctx for more", quiet=quiet)
@@ -1816,9 +1820,7 @@ def job_problem(job: Job, item: dict[str, Any], run: Run) -> str | None:
     job.tokens = tokenize(vocab, "", add_bos=True) + user_turn(vocab, job.prompt, run.specials,
                                                                system=job.settings["system"])
     if len(job.tokens) >= run.n_ctx:
-        most = llama_cpp.llama_model_n_ctx_train(run.model)
-        larger = f" or raise --ctx (to at most {most})" if run.n_ctx < most else ""
-        return f"the prompt is {len(job.tokens)} tokens and the context holds {run.n_ctx}; shorten it{larger}"
+        return too_long(len(job.tokens), n_ctx=run.n_ctx, most=llama_cpp.llama_model_n_ctx_train(run.model))
     job.room = min(job.settings["sample_len"], run.n_ctx - len(job.tokens) + 1)
     return None
 
