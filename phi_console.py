@@ -1423,6 +1423,7 @@ GROUPS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^]\\])*\]|#[^\n]*|([()])')  # 
 SCHEMA_SPACE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 SCHEMA_STRICT = {"lenient": False, "coerce_one_of": False}  # every keyword enforced, or the schema refused
 SCHEMA_DATA = {"enum", "const", "default", "examples"}  # keywords whose values are JSON data, not schemas
+SCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}  # names -> schemas
 CALENDAR_DAY = (r"[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-"
                 r"(?:0[1-9]|1[0-9]|2[0-8]))|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)-02-29")
 CALENDAR_FORMATS = {"date": f"^(?:{CALENDAR_DAY})$", "date-time": f"^(?:{CALENDAR_DAY})[Tt].*$"}
@@ -1576,14 +1577,21 @@ def closed(schema: Any, *, combined: bool = False) -> Any:
         return [closed(part, combined=combined) for part in schema]
     if not isinstance(schema, dict):
         return schema
-    schema = {key: value if key in SCHEMA_DATA else closed(value, combined=key == "allOf")
-              for key, value in schema.items()}
+    walked = {}
+    for key, value in schema.items():
+        if key in SCHEMA_DATA:
+            walked[key] = value
+        elif key in SCHEMA_MAPS and isinstance(value, dict):  # names, each with its schema: no name is a keyword
+            walked[key] = {name: closed(part) for name, part in value.items()}
+        else:
+            walked[key] = closed(value, combined=key == "allOf")
+    schema = walked
     if isinstance(pattern := schema.get("pattern"), str):  # whole-string: its own ^ and $ at the ends add nothing
         pattern = pattern.removeprefix("^")
         pattern = pattern[:-1] if pattern.endswith("$") and not pattern.endswith("\\$") else pattern
         schema["pattern"] = f"^(?:{pattern})$"
-    if schema.get("format") in CALENDAR_FORMATS:  # llguidance's formats allow February 29th in every year
-        schema["allOf"] = [*schema.get("allOf", []), {"pattern": CALENDAR_FORMATS[schema["format"]]}]
+    if isinstance(form := schema.get("format"), str) and form in CALENDAR_FORMATS:  # llguidance's allow Feb 29th
+        schema["allOf"] = [*schema.get("allOf", []), {"pattern": CALENDAR_FORMATS[form]}]  # in every year
     names, required = schema.get("properties"), schema.get("required", [])
     if isinstance(names, dict) and not (combined or SCHEMA_OPEN & schema.keys()) and isinstance(required, list) \
             and set(map(str, required)) <= names.keys():

@@ -259,10 +259,14 @@ HOSTILE = {
     "a short string": {"type": "string", "minLength": 2, "maxLength": 4},
     "sixteen nines": {"type": "integer", "minimum": 0, "maximum": 9999999999999999},
     "extra properties allowed": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+    "properties named like keywords": {"type": "object", "required": ["format", "pattern"],
+                                       "properties": {"format": {"type": "string", "format": "date"},
+                                                      "pattern": {"type": "string", "pattern": "^[ab]$"}}},
     "Phi-3's [PAD] tokens spell the pattern": {"type": "string", "pattern": "^\\[[A-Z0-9]+\\]$"},
     "[PAD] tokens fill a length": {"type": "string", "minLength": 12, "maxLength": 14},
 }
 MUST_ACCEPT = {"a $ref to a $ref", "a property named $ref", "escapes in a pattern", "sixteen nines",
+               "properties named like keywords",
                "Phi-3's [PAD] tokens spell the pattern"}  # refusing these would be needless
 
 
